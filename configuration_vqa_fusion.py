@@ -1,0 +1,103 @@
+"""Configuration of vqa-fusion: a question encoder, a vision encoder and a causal decoder joined by fusion."""
+
+from typing import Literal
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+FUSION_MODES = ("sequence", "mean")
+
+# Every Auto class a user may reach for resolves to the class that generates. `register_for_auto_class`
+# records one class per object, so the others are written here and travel with every saved config.
+AUTO_MAP = {
+    "AutoConfig": "configuration_vqa_fusion.VqaFusionConfig",
+    "AutoModel": "modeling_vqa_fusion.VqaFusionForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_vqa_fusion.VqaFusionForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_vqa_fusion.VqaFusionForConditionalGeneration",
+}
+
+
+class VqaFusionConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`VqaFusionForConditionalGeneration`].
+
+    Args:
+        question_encoder (`PreTrainedConfig` or `dict`, *optional*):
+            Any transformers text encoder (default: DistilBERT). Its token states encode the question.
+        vision_encoder (`PreTrainedConfig` or `dict`, *optional*):
+            Any ViT-like vision encoder whose `last_hidden_state` is a sequence of patch states (default: ViT).
+        decoder (`PreTrainedConfig` or `dict`, *optional*):
+            A causal LM that supports `add_cross_attention` (default: GPT-2). `is_decoder` and
+            `add_cross_attention` are always switched on: without them the decoder would ignore the image.
+        fusion (`str`, *optional*, defaults to `"sequence"`):
+            `"sequence"`: every projected question token and image patch, tagged with a learned modality
+            embedding and layer-normed, is a cross-attention key, so the decoder can attend to words and places.
+            `"mean"`: the book's method, one token `(mean question state + mean image state) / 2` after
+            one linear projection per modality.
+        projection_dim (`int`, *optional*):
+            Width of the fused memory. `None` means the decoder's hidden size, which is what GPT-2's
+            cross-attention reads; another width needs a decoder whose config sets
+            `cross_attention_hidden_size` to it.
+        pad_token_id, bos_token_id, eos_token_id, decoder_start_token_id (`int`, *optional*):
+            The decoder's token ids; unset ones are taken from the decoder config (GPT-2 has no pad token, so
+            its EOS pads). Generated sequences start with `decoder_start_token_id`.
+
+    Example:
+    ```python
+    >>> from configuration_vqa_fusion import VqaFusionConfig
+    >>> config = VqaFusionConfig(fusion="mean")
+    >>> config.decoder.add_cross_attention
+    True
+    ```
+    """
+
+    model_type = "vqa_fusion"
+    sub_configs_defaults = {
+        "question_encoder": SubConfigSpec(config_class=AutoConfig, model_type="distilbert"),
+        "vision_encoder": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        "decoder": SubConfigSpec(
+            config_class=AutoConfig, model_type="gpt2", init_kwargs={"is_decoder": True, "add_cross_attention": True}
+        ),
+    }
+
+    question_encoder: PreTrainedConfig | dict | None = None
+    vision_encoder: PreTrainedConfig | dict | None = None
+    decoder: PreTrainedConfig | dict | None = None
+    fusion: Literal["sequence", "mean"] = "sequence"
+    projection_dim: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    is_encoder_decoder: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.fusion not in FUSION_MODES:
+            raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
+        self.decoder.is_decoder = True
+        self.decoder.add_cross_attention = True
+        decoder_width = self.decoder.hidden_size
+        memory_width = getattr(self.decoder, "cross_attention_hidden_size", None) or decoder_width
+        if self.projection_dim is None:
+            self.projection_dim = memory_width
+        elif self.projection_dim != memory_width:
+            raise ValueError(
+                f"projection_dim={self.projection_dim} but the decoder's cross-attention reads memory of width "
+                f"{memory_width}; leave projection_dim unset or set decoder.cross_attention_hidden_size"
+            )
+        if self.eos_token_id is None:
+            self.eos_token_id = self.decoder.eos_token_id
+        if self.bos_token_id is None:
+            self.bos_token_id = self.decoder.bos_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.decoder.pad_token_id if self.decoder.pad_token_id is not None else self.eos_token_id
+        if self.decoder_start_token_id is None:
+            self.decoder_start_token_id = self.bos_token_id
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+
+
+VqaFusionConfig.register_for_auto_class()
+
+__all__ = ["VqaFusionConfig"]

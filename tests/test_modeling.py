@@ -1,0 +1,269 @@
+"""The model: learning, generation, the book's fusion, freezing, input checks and saving."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from conftest import solid
+from modeling_vqa_fusion import VqaFusionForConditionalGeneration
+
+EXAMPLES = [
+    ((255, 0, 0), "What color is the square?", "red"),
+    ((0, 255, 0), "What color is the square?", "green"),
+    ((0, 0, 255), "Is there a red circle?", "no"),
+    ((255, 0, 0), "Is there a red circle?", "yes"),
+    ((0, 0, 255), "How many triangles are there?", "3"),
+    ((255, 255, 0), "What color is the square?", "a very long answer indeed"),
+]
+
+
+def make_batch(processor, examples=EXAMPLES, with_answers=True):
+    return processor(
+        images=[solid(color) for color, _, _ in examples],
+        text=[question for _, question, _ in examples],
+        answers=[answer for _, _, answer in examples] if with_answers else None,
+    )
+
+
+def overfit(model, batch, steps=150, lr=3e-3) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_parts, processor):
+    """Models of both fusions overfitted on EXAMPLES, with their loss curves."""
+    result = {}
+    for fusion in ("sequence", "mean"):
+        torch.manual_seed(0)
+        model = VqaFusionForConditionalGeneration.from_pretrained_components(**tiny_parts, fusion=fusion)
+        losses = overfit(model, make_batch(processor))
+        result[fusion] = (model.eval(), losses)
+    return result
+
+
+@pytest.mark.parametrize("fusion", ["sequence", "mean"])
+def test_learns_answers_and_stops_at_eos(trained, processor, fusion):
+    model, losses = trained[fusion]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.1 * losses[0]
+    max_new_tokens = 12
+    ids = model.generate(**make_batch(processor, with_answers=False), max_new_tokens=max_new_tokens)
+    assert processor.batch_decode(ids) == [answer for _, _, answer in EXAMPLES]
+    assert (ids[:, 0] == model.config.decoder_start_token_id).all()
+    eos = model.config.eos_token_id
+    for row in ids.tolist():
+        generated = row[1:]
+        assert eos in generated, "every answer must end with EOS"
+        assert generated.index(eos) < max_new_tokens - 1
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_and_uncached_generation_identical(trained, processor, num_beams):
+    model, _ = trained["sequence"]
+    inputs = make_batch(processor, with_answers=False)
+    cached = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, use_cache=True)
+    uncached = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_generation_runs_the_encoder_once(trained, processor):
+    model, _ = trained["sequence"]
+    calls = []
+    handle = model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        model.generate(**make_batch(processor, with_answers=False), max_new_tokens=8, num_beams=2)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("fusion", ["sequence", "mean"])
+def test_batched_generation_matches_one_by_one(trained, processor, fusion):
+    model, _ = trained[fusion]
+    batched = processor.batch_decode(model.generate(**make_batch(processor, with_answers=False), max_new_tokens=8))
+    single = [
+        processor.batch_decode(model.generate(**make_batch(processor, [example], with_answers=False), max_new_tokens=8))[0]
+        for example in EXAMPLES
+    ]
+    assert batched == single
+
+
+def test_mean_fusion_ignores_question_padding(make_model, processor):
+    model = make_model("mean").eval()
+    alone = processor(images=[solid((9, 99, 199))], text=["Is there a red circle?"])
+    padded = processor(
+        images=[solid((9, 99, 199)), solid((0, 0, 0))],
+        text=["Is there a red circle?", "How many triangles are there in this rather busy picture today?"],
+    )
+    assert padded["attention_mask"][0].sum() < padded["attention_mask"].shape[1], "the first question must be padded"
+    with torch.no_grad():
+        memory_alone = model.encoder(**alone).last_hidden_state
+        memory_padded = model.encoder(**padded).last_hidden_state
+    assert memory_alone.shape == (1, 1, model.config.projection_dim)
+    torch.testing.assert_close(memory_padded[:1], memory_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_fusion_reproduces_the_books_loss(make_model, processor):
+    """The book: mean of each encoder's states, one Linear each, (text + image) / 2 as one cross-attention
+    token, GPT-2 on BOS + answer + EOS with labels = the same ids (GPT-2 shifts them itself)."""
+    model = make_model("mean").eval()
+    examples = [((255, 0, 0), "What color is the square?", "red"), ((0, 0, 255), "What color is the square?", "blue")]
+    batch = make_batch(processor, examples)
+    assert batch["attention_mask"].all(), "the book's mean includes padding: compare on unpadded questions"
+    encoder, fusion = model.encoder, model.encoder.fusion
+    with torch.no_grad():
+        text = encoder.question_encoder(input_ids=batch["input_ids"]).last_hidden_state.mean(dim=1)
+        image = encoder.vision_encoder(pixel_values=batch["pixel_values"]).last_hidden_state.mean(dim=1)
+        fused = ((fusion.question_projection(text) + fusion.image_projection(image)) / 2).unsqueeze(1)
+        tokenizer = processor.tokenizer
+        rows = [[tokenizer.bos_token_id] + tokenizer(" " + a)["input_ids"] + [tokenizer.eos_token_id] for *_, a in examples]
+        assert len({len(row) for row in rows}) == 1
+        sequence = torch.tensor(rows)
+        book_loss = model.decoder(input_ids=sequence, encoder_hidden_states=fused, labels=sequence).loss
+        our_loss = model(**batch).loss
+    torch.testing.assert_close(our_loss, book_loss, atol=1e-5, rtol=0)
+
+
+def test_labels_ignore_padding_and_keep_eos(make_model, processor):
+    """Changing what sits under -100 must not change the loss; EOS (== GPT-2's pad id) must count."""
+    model = make_model("sequence").eval()
+    batch = make_batch(processor, EXAMPLES[:2] + EXAMPLES[-1:])
+    eos = processor.tokenizer.eos_token_id
+    assert eos == model.config.pad_token_id
+    with torch.no_grad():
+        loss = model(**batch).loss
+        without_eos = batch["labels"].masked_fill(batch["labels"] == eos, -100)
+        assert not torch.isclose(model(**{**batch, "labels": without_eos}).loss, loss)
+
+
+def test_every_trainable_parameter_gets_a_gradient(make_model, processor):
+    model = make_model("sequence")
+    model(**make_batch(processor)).loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def trainable_groups(model) -> dict[str, set[bool]]:
+    groups = {"question_encoder": set(), "vision_encoder": set(), "fusion": set(), "cross": set(), "decoder_rest": set()}
+    for name, parameter in model.named_parameters():
+        if name.startswith("encoder.question_encoder."):
+            key = "question_encoder"
+        elif name.startswith("encoder.vision_encoder."):
+            key = "vision_encoder"
+        elif name.startswith("encoder.fusion."):
+            key = "fusion"
+        elif "crossattention" in name or "ln_cross_attn" in name:
+            key = "cross"
+        else:
+            key = "decoder_rest"
+        groups[key].add(parameter.requires_grad)
+    return groups
+
+
+@pytest.mark.parametrize(
+    "spec, frozen",
+    [
+        ("none", set()),
+        ("encoders", {"question_encoder", "vision_encoder"}),
+        ("question_encoder", {"question_encoder"}),
+        ("vision_encoder", {"vision_encoder"}),
+        ("decoder", {"decoder_rest"}),
+        ("all", {"question_encoder", "vision_encoder", "decoder_rest"}),
+        ("vision_encoder, decoder", {"vision_encoder", "decoder_rest"}),
+    ],
+)
+def test_freeze_sets_exactly_the_expected_flags(make_model, spec, frozen):
+    model = make_model("sequence")
+    model.freeze("all")
+    model.freeze(spec)
+    for group, flags in trainable_groups(model).items():
+        assert flags == {group not in frozen}, group
+
+
+def test_freeze_rejects_unknown_spec(make_model):
+    with pytest.raises(ValueError, match="vision"):
+        make_model().freeze("vision")
+
+
+def test_frozen_encoders_build_no_graph(make_model, processor):
+    model = make_model("sequence")
+    model.freeze("encoders")
+    states = {}
+    model.encoder.vision_encoder.register_forward_hook(lambda m, i, out: states.update(vision=out.last_hidden_state))
+    model.encoder.question_encoder.register_forward_hook(lambda m, i, out: states.update(question=out.last_hidden_state))
+    model(**make_batch(processor)).loss.backward()
+    assert states["vision"].grad_fn is None and states["question"].grad_fn is None
+    assert all(p.grad is not None for p in model.encoder.fusion.parameters())
+
+
+def bad_input_cases(batch):
+    nan = batch["pixel_values"].clone()
+    nan[0, 0, 0, 0] = float("nan")
+    inf = batch["pixel_values"].clone()
+    inf[-1, 1, 2, 3] = float("inf")
+    return {
+        "nan": ({**batch, "pixel_values": nan}, "NaN"),
+        "inf": ({**batch, "pixel_values": inf}, "infinite"),
+        "batch": ({**batch, "pixel_values": batch["pixel_values"][:2]}, "batch sizes differ"),
+        "size": ({**batch, "pixel_values": torch.zeros(6, 3, 48, 48)}, "vision encoder takes"),
+        "rank": ({**batch, "pixel_values": batch["pixel_values"][0]}, "pixel_values must have shape"),
+        "channels": ({**batch, "pixel_values": batch["pixel_values"][:, :1]}, "pixel_values must have shape"),
+        "integer": ({**batch, "pixel_values": batch["pixel_values"].to(torch.uint8)}, "floating point"),
+        "no_pixels": ({k: v for k, v in batch.items() if k != "pixel_values"}, "pixel_values must be given"),
+        "nothing": ({"labels": batch["labels"]}, "input_ids and pixel_values must be given"),
+        "labels": ({**batch, "labels": batch["labels"][:1]}, "labels has 1 rows"),
+        "mask": ({**batch, "attention_mask": batch["attention_mask"][:, :2]}, "attention_mask has shape"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["nan", "inf", "batch", "size", "rank", "channels", "integer", "no_pixels", "nothing", "labels", "mask"]
+)
+def test_bad_inputs_raise_clear_errors(make_model, processor, case):
+    model = make_model("sequence")
+    inputs, message = bad_input_cases(make_batch(processor))[case]
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_from_pretrained_components_keeps_pretrained_weights(make_model, tiny_parts):
+    model = make_model("sequence")
+    parts = {
+        "encoder.question_encoder.": AutoModel.from_pretrained(tiny_parts["question_encoder"]),
+        "encoder.vision_encoder.": AutoModel.from_pretrained(tiny_parts["vision_encoder"]),
+        "decoder.": AutoModelForCausalLM.from_pretrained(tiny_parts["decoder"]),
+    }
+    ours = model.state_dict()
+    for prefix, part in parts.items():
+        for key, value in part.state_dict().items():
+            if prefix + key in ours:
+                torch.testing.assert_close(ours[prefix + key], value, rtol=0, atol=0)
+    kept = sum(key.startswith(prefix) for prefix in parts for key in ours)
+    assert kept > 0.9 * sum(len(part.state_dict()) for part in parts.values())
+
+
+def test_save_and_reload_safetensors_tied_weights_same_outputs(trained, processor, tmp_path):
+    model, _ = trained["sequence"]
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    assert {"configuration_vqa_fusion.py", "modeling_vqa_fusion.py"} <= set(files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText"}
+
+    reloaded = VqaFusionForConditionalGeneration.from_pretrained(tmp_path).eval()
+    decoder = reloaded.decoder
+    assert decoder.lm_head.weight.data_ptr() == decoder.transformer.wte.weight.data_ptr()
+    inputs = make_batch(processor, with_answers=False)
+    assert torch.equal(reloaded.generate(**inputs, max_new_tokens=8), model.generate(**inputs, max_new_tokens=8))
