@@ -31,9 +31,14 @@ class VqaFusionConfig(PreTrainedConfig):
             `add_cross_attention` are always switched on: without them the decoder would ignore the image.
         fusion (`str`, *optional*, defaults to `"sequence"`):
             `"sequence"`: every projected question token and image patch, tagged with a learned modality
-            embedding and layer-normed, is a cross-attention key, so the decoder can attend to words and places.
+            embedding, is a cross-attention key, so the decoder can attend to words and places; the mean
+            projected question is added to the decoder's input embeddings, so its first query knows the question.
             `"mean"`: the book's method, one token `(mean question state + mean image state) / 2` after
             one linear projection per modality.
+        fusion_layers (`int`, *optional*, defaults to 0):
+            `"sequence"` only: transformer layers (the decoder's head count, no dropout) over the joint
+            question + image memory, so that patches can read the question before the decoder attends to them.
+            Measured on the shapes demo: one layer learns faster; each costs about one vision layer.
         projection_dim (`int`, *optional*):
             Width of the fused memory. `None` means the decoder's hidden size, which is what GPT-2's
             cross-attention reads; another width needs a decoder whose config sets
@@ -65,6 +70,7 @@ class VqaFusionConfig(PreTrainedConfig):
     decoder: PreTrainedConfig | dict | None = None
     fusion: Literal["sequence", "mean"] = "sequence"
     projection_dim: int | None = None
+    fusion_layers: int = 0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -76,6 +82,8 @@ class VqaFusionConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, got {self.fusion!r}")
+        if self.fusion_layers and self.fusion != "sequence":
+            raise ValueError(f"fusion_layers={self.fusion_layers} needs fusion='sequence', got {self.fusion!r}")
         self.decoder.is_decoder = True
         self.decoder.add_cross_attention = True
         decoder_width = self.decoder.hidden_size

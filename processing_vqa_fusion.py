@@ -155,6 +155,10 @@ class VqaFusionProcessor(ProcessorMixin):
         texts = self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
         return [text.strip() for text in texts]
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """What the `image-text-to-text` pipeline returns: the same clean answers as `batch_decode`."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]

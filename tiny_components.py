@@ -26,7 +26,8 @@ EOS = "<|endoftext|>"
 
 @dataclass
 class TinySizes:
-    """Widths and depths of the tiny components. One `hidden` for all three, as in the book (768 each)."""
+    """Widths and depths of the tiny components. One `hidden` for all three, as in the book (768 each).
+    No dropout: these models start from random weights and train for minutes, not epochs."""
 
     hidden: int = 128
     heads: int = 4
@@ -97,6 +98,8 @@ def build_tiny_components(
             hidden_dim=4 * sizes.hidden,
             max_position_embeddings=sizes.max_question_length,
             pad_token_id=question_tokenizer.pad_token_id,
+            dropout=0.0,
+            attention_dropout=0.0,
         )
     ).save_pretrained(paths["question_encoder"])
     question_tokenizer.save_pretrained(paths["question_encoder"])
@@ -126,6 +129,9 @@ def build_tiny_components(
             n_head=sizes.heads,
             bos_token_id=eos_id,
             eos_token_id=eos_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
     ).save_pretrained(paths["decoder"])
     decoder_tokenizer.save_pretrained(paths["decoder"])

@@ -35,9 +35,11 @@ def processor(tiny_parts) -> VqaFusionProcessor:
 def make_model(tiny_parts):
     """A fresh model from the tiny parts, with a fixed seed for its new weights."""
 
-    def make(fusion: str = "sequence", seed: int = 0) -> VqaFusionForConditionalGeneration:
+    def make(fusion: str = "sequence", seed: int = 0, fusion_layers: int = 0) -> VqaFusionForConditionalGeneration:
         torch.manual_seed(seed)
-        return VqaFusionForConditionalGeneration.from_pretrained_components(**tiny_parts, fusion=fusion)
+        return VqaFusionForConditionalGeneration.from_pretrained_components(
+            **tiny_parts, fusion=fusion, fusion_layers=fusion_layers
+        )
 
     return make
 

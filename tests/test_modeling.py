@@ -44,15 +44,17 @@ def overfit(model, batch, steps=150, lr=3e-3) -> list[float]:
 def trained(tiny_parts, processor):
     """Models of both fusions overfitted on EXAMPLES, with their loss curves."""
     result = {}
-    for fusion in ("sequence", "mean"):
+    for name, fusion, layers in (("sequence", "sequence", 0), ("sequence+layer", "sequence", 1), ("mean", "mean", 0)):
         torch.manual_seed(0)
-        model = VqaFusionForConditionalGeneration.from_pretrained_components(**tiny_parts, fusion=fusion)
+        model = VqaFusionForConditionalGeneration.from_pretrained_components(
+            **tiny_parts, fusion=fusion, fusion_layers=layers
+        )
         losses = overfit(model, make_batch(processor))
-        result[fusion] = (model.eval(), losses)
+        result[name] = (model.eval(), losses)
     return result
 
 
-@pytest.mark.parametrize("fusion", ["sequence", "mean"])
+@pytest.mark.parametrize("fusion", ["sequence", "sequence+layer", "mean"])
 def test_learns_answers_and_stops_at_eos(trained, processor, fusion):
     model, losses = trained[fusion]
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -69,8 +71,9 @@ def test_learns_answers_and_stops_at_eos(trained, processor, fusion):
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_cached_and_uncached_generation_identical(trained, processor, num_beams):
-    model, _ = trained["sequence"]
+@pytest.mark.parametrize("fusion", ["sequence", "sequence+layer", "mean"])
+def test_cached_and_uncached_generation_identical(trained, processor, num_beams, fusion):
+    model, _ = trained[fusion]
     inputs = make_batch(processor, with_answers=False)
     cached = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, use_cache=True)
     uncached = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, use_cache=False)
@@ -88,7 +91,7 @@ def test_generation_runs_the_encoder_once(trained, processor):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("fusion", ["sequence", "mean"])
+@pytest.mark.parametrize("fusion", ["sequence", "sequence+layer", "mean"])
 def test_batched_generation_matches_one_by_one(trained, processor, fusion):
     model, _ = trained[fusion]
     batched = processor.batch_decode(model.generate(**make_batch(processor, with_answers=False), max_new_tokens=8))
@@ -112,6 +115,30 @@ def test_mean_fusion_ignores_question_padding(make_model, processor):
         memory_padded = model.encoder(**padded).last_hidden_state
     assert memory_alone.shape == (1, 1, model.config.projection_dim)
     torch.testing.assert_close(memory_padded[:1], memory_alone, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_fusion_layers_ignore_question_padding(make_model, processor):
+    model = make_model("sequence", fusion_layers=1).eval()
+    alone = processor(images=[solid((9, 99, 199))], text=["Is there a red circle?"])
+    padded = processor(
+        images=[solid((9, 99, 199)), solid((0, 0, 0))],
+        text=["Is there a red circle?", "How many triangles are there in this rather busy picture today?"],
+    )
+    real = padded["attention_mask"][0].bool()
+    assert not real.all(), "the first question must be padded"
+    with torch.no_grad():
+        memory_alone = model.encoder(**alone)
+        memory_padded = model.encoder(**padded)
+    question_length = padded["input_ids"].shape[1]
+    kept = torch.cat([real, torch.ones(memory_padded.last_hidden_state.shape[1] - question_length, dtype=torch.bool)])
+    torch.testing.assert_close(memory_padded.last_hidden_state[0, kept], memory_alone.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(memory_padded.question_embedding[:1], memory_alone.question_embedding, atol=1e-5, rtol=1e-5)
+    assert memory_padded.attention_mask[0].tolist() == kept.long().tolist()
+
+
+def test_fusion_layers_need_sequence_fusion(make_model):
+    with pytest.raises(ValueError, match="fusion_layers=1 needs fusion='sequence'"):
+        make_model("mean", fusion_layers=1)
 
 
 def test_mean_fusion_reproduces_the_books_loss(make_model, processor):
@@ -147,8 +174,9 @@ def test_labels_ignore_padding_and_keep_eos(make_model, processor):
         assert not torch.isclose(model(**{**batch, "labels": without_eos}).loss, loss)
 
 
-def test_every_trainable_parameter_gets_a_gradient(make_model, processor):
-    model = make_model("sequence")
+@pytest.mark.parametrize("fusion, fusion_layers", [("sequence", 0), ("sequence", 1), ("mean", 0)])
+def test_every_trainable_parameter_gets_a_gradient(make_model, processor, fusion, fusion_layers):
+    model = make_model(fusion, fusion_layers=fusion_layers)
     model(**make_batch(processor)).loss.backward()
     missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
