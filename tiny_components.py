@@ -15,6 +15,7 @@ from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     GPT2TokenizerFast,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
     ViTConfig,
     ViTImageProcessor,
@@ -75,6 +76,47 @@ def _decoder_tokenizer(answers: Iterable[str]) -> GPT2TokenizerFast:
     return GPT2TokenizerFast(tokenizer_object=tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS)
 
 
+def part_configs(
+    sizes: TinySizes, question_vocab: int, decoder_vocab: int, question_pad_id: int, eos_id: int
+) -> dict[str, PretrainedConfig]:
+    """The three parts' configs at `sizes`: `{"question_encoder": DistilBertConfig, "vision_encoder":
+    ViTConfig, "decoder": GPT2Config}`. Like `gpt2` on the Hub, the decoder has no cross-attention of its
+    own: vqa-fusion adds it, freshly initialised."""
+    return {
+        "question_encoder": DistilBertConfig(
+            vocab_size=question_vocab,
+            dim=sizes.hidden,
+            n_heads=sizes.heads,
+            n_layers=sizes.question_layers,
+            hidden_dim=4 * sizes.hidden,
+            max_position_embeddings=sizes.max_question_length,
+            pad_token_id=question_pad_id,
+            dropout=0.0,
+            attention_dropout=0.0,
+        ),
+        "vision_encoder": ViTConfig(
+            image_size=sizes.image_size,
+            patch_size=sizes.patch_size,
+            hidden_size=sizes.hidden,
+            num_attention_heads=sizes.heads,
+            num_hidden_layers=sizes.vision_layers,
+            intermediate_size=4 * sizes.hidden,
+        ),
+        "decoder": GPT2Config(
+            vocab_size=decoder_vocab,
+            n_positions=sizes.max_answer_positions,
+            n_embd=sizes.hidden,
+            n_layer=sizes.decoder_layers,
+            n_head=sizes.heads,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),
+    }
+
+
 def build_tiny_components(
     out_dir: str | Path, questions: Iterable[str], answers: Iterable[str], sizes: TinySizes | None = None
 ) -> dict[str, str]:
@@ -86,53 +128,19 @@ def build_tiny_components(
     sizes = sizes or TinySizes()
     out_dir = Path(out_dir)
     paths = {name: str(out_dir / name) for name in ("question_encoder", "vision_encoder", "decoder")}
-
     question_tokenizer = _question_tokenizer(questions)
     question_tokenizer.model_max_length = sizes.max_question_length
-    DistilBertModel(
-        DistilBertConfig(
-            vocab_size=len(question_tokenizer),
-            dim=sizes.hidden,
-            n_heads=sizes.heads,
-            n_layers=sizes.question_layers,
-            hidden_dim=4 * sizes.hidden,
-            max_position_embeddings=sizes.max_question_length,
-            pad_token_id=question_tokenizer.pad_token_id,
-            dropout=0.0,
-            attention_dropout=0.0,
-        )
-    ).save_pretrained(paths["question_encoder"])
+    decoder_tokenizer = _decoder_tokenizer(answers)
+    configs = part_configs(
+        sizes, len(question_tokenizer), len(decoder_tokenizer), question_tokenizer.pad_token_id,
+        decoder_tokenizer.eos_token_id,
+    )
+    DistilBertModel(configs["question_encoder"]).save_pretrained(paths["question_encoder"])
     question_tokenizer.save_pretrained(paths["question_encoder"])
-
-    ViTModel(
-        ViTConfig(
-            image_size=sizes.image_size,
-            patch_size=sizes.patch_size,
-            hidden_size=sizes.hidden,
-            num_attention_heads=sizes.heads,
-            num_hidden_layers=sizes.vision_layers,
-            intermediate_size=4 * sizes.hidden,
-        )
-    ).save_pretrained(paths["vision_encoder"])
+    ViTModel(configs["vision_encoder"]).save_pretrained(paths["vision_encoder"])
     ViTImageProcessor(size={"height": sizes.image_size, "width": sizes.image_size}).save_pretrained(
         paths["vision_encoder"]
     )
-
-    decoder_tokenizer = _decoder_tokenizer(answers)
-    eos_id = decoder_tokenizer.eos_token_id
-    GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=len(decoder_tokenizer),
-            n_positions=sizes.max_answer_positions,
-            n_embd=sizes.hidden,
-            n_layer=sizes.decoder_layers,
-            n_head=sizes.heads,
-            bos_token_id=eos_id,
-            eos_token_id=eos_id,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    ).save_pretrained(paths["decoder"])
+    GPT2LMHeadModel(configs["decoder"]).save_pretrained(paths["decoder"])
     decoder_tokenizer.save_pretrained(paths["decoder"])
     return paths

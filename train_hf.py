@@ -10,11 +10,13 @@ Writes to `--output_dir`: the model and processor with their remote code, `eval_
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 import transformers
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
@@ -32,7 +34,7 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 ANSWER_STRATEGIES = ("consensus", "sample")
-SHAPES_FILES = ("train_questions", "train_annotations", "train_images", "eval_questions", "eval_annotations", "eval_images")
+SPLIT_FILES = ("questions", "annotations", "images")
 
 
 @dataclass
@@ -50,6 +52,9 @@ class ModelArguments:
         metadata={"help": "'tiny': small random components and tokenizers trained on the training text (offline)."},
     )
     fusion: str = field(default="sequence", metadata={"help": "'sequence' or 'mean' (the book's)."})
+    fusion_layers: int = field(
+        default=0, metadata={"help": "Sequence fusion: transformer layers over the joint question + image memory."}
+    )
     freeze: str = field(default="none", metadata={"help": f"Comma list of {', '.join(FREEZE_SPECS)}."})
     max_answer_length: int = field(default=16, metadata={"help": "Answer tokens kept in the labels, EOS included."})
 
@@ -116,6 +121,13 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq
     return model_args, data_args, training_args
 
 
+def use_all_cores_in_a_single_cpu_process(training_args: Seq2SeqTrainingArguments) -> None:
+    """`accelerate launch` without `--cpu` sets OMP_NUM_THREADS=1 for its one process, which halves the demo's
+    speed on a 2-core machine; a lone CPU process gets every core it may run on."""
+    if training_args.device.type == "cpu" and training_args.world_size == 1:
+        torch.set_num_threads(max(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+
+
 def load_datasets(data_args: DataArguments, training_args: Seq2SeqTrainingArguments):
     """(train, eval) datasets in the row contract of `vqa_data`; the shapes dataset is made if asked for."""
     if data_args.synthetic_data_dir:
@@ -126,25 +138,19 @@ def load_datasets(data_args: DataArguments, training_args: Seq2SeqTrainingArgume
                 num_val_images=data_args.synthetic_eval_images,
                 seed=training_args.seed,
             )
-        for name in SHAPES_FILES:
-            setattr(data_args, name, str(files[name]))
+        for split in ("train", "eval"):
+            for kind in SPLIT_FILES:
+                setattr(data_args, f"{split}_{kind}", str(files[f"{split}_{kind}"]))
 
     if data_args.train_questions or data_args.eval_questions:
-        train = eval_ = None
-        if data_args.train_questions:
-            train = load_vqa_files(
-                data_args.train_questions,
-                data_args.train_annotations,
-                data_args.train_images,
-                skip_missing_images=data_args.skip_missing_images,
-            )
-        if data_args.eval_questions:
-            eval_ = load_vqa_files(
-                data_args.eval_questions,
-                data_args.eval_annotations,
-                data_args.eval_images,
-                skip_missing_images=data_args.skip_missing_images,
-            )
+
+        def load_files(split: str):
+            questions, annotations, images = (getattr(data_args, f"{split}_{kind}") for kind in SPLIT_FILES)
+            if not questions:
+                return None
+            return load_vqa_files(questions, annotations, images, skip_missing_images=data_args.skip_missing_images)
+
+        train, eval_ = load_files("train"), load_files("eval")
     elif data_args.dataset_name:
         mapping = {
             "image": data_args.image_column,
@@ -203,7 +209,9 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
                 parts = build_tiny_components(
                     Path(training_args.output_dir) / "tiny_components", train_dataset["question"], answers
                 )
-        model = VqaFusionForConditionalGeneration.from_pretrained_components(**parts, fusion=model_args.fusion)
+        model = VqaFusionForConditionalGeneration.from_pretrained_components(
+            **parts, fusion=model_args.fusion, fusion_layers=model_args.fusion_layers
+        )
         processor = VqaFusionProcessor.from_pretrained_components(**parts)
     processor.max_answer_length = model_args.max_answer_length
     model.freeze(model_args.freeze)
@@ -356,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
+    use_all_cores_in_a_single_cpu_process(training_args)
 
     train_dataset, eval_dataset = load_datasets(data_args, training_args)
     model, processor = build_model_and_processor(model_args, train_dataset, training_args)
@@ -403,16 +412,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def show_examples(eval_dataset, answers: list[str], count: int) -> None:
-    """Print a few held-out questions with the model's answer next to the truth."""
+    """Print the first few held-out questions with the model's answer next to the truth."""
     if count <= 0:
         return
-    step = max(1, len(answers) // count)
-    print(f"\n{'question':<44} {'model':<12} truth")
-    for index in range(0, min(len(answers), step * count), step):
+    print(f"\n{'question':<48} {'model':<12} truth")
+    for index in range(min(count, len(answers))):
         row = eval_dataset[index]
         truth = row["multiple_choice_answer"] or "?"
-        mark = "ok" if answers[index] == truth else "--"
-        print(f"{row['question']:<44} {answers[index]:<12} {truth}  {mark}")
+        print(f"{row['question']:<48} {answers[index]:<12} {truth}")
 
 
 if __name__ == "__main__":

@@ -471,7 +471,7 @@ def load_split(paths: dict, prefix: str) -> list[dict]:
 
 def expected_answer(question: str, scene: list[dict]) -> str:
     """The answer according to the documented rules, recomputed from the scene description."""
-    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
+    if m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", question):
         return "yes" if any(o["color"] == m[1] and o["shape"] == m[2] for o in scene) else "no"
     if m := re.fullmatch(r"How many (\w+) are there\?", question):
         return str(sum(o["shape"] == SINGULAR[m[1]] for o in scene))
@@ -538,7 +538,7 @@ def test_shapes_no_answers_include_near_misses(shapes):
     near, total = 0, 0
     for example in load_split(shapes, "train"):
         if example["answer_type"] == "yes/no" and example["multiple_choice_answer"] == "no":
-            color, shape = re.fullmatch(r"Is there a (\w+) (\w+)\?", example["question"]).groups()
+            color, shape = re.fullmatch(r"Is there an? (\w+) (\w+)\?", example["question"]).groups()
             total += 1
             near += any(o["color"] == color for o in example["scene"]) and any(
                 o["shape"] == shape for o in example["scene"]
