@@ -42,12 +42,18 @@ class TinySizes:
 
 
 def _question_tokenizer(questions: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A lowercasing WordPiece tokenizer with BERT's special tokens, like distilbert-base-uncased's."""
+    """A lowercasing WordPiece tokenizer with BERT's special tokens, like distilbert-base-uncased's. Its
+    vocabulary is every word of the questions plus every character (alone and as `##` continuation), in
+    sorted order: the same ids on every run (the `tokenizers` WordPiece trainer breaks ties differently
+    from run to run, which made identical training runs differ)."""
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(questions, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=special))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = {word for question in questions for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(question))}
+    characters = {character for word in words for character in word}
+    pieces = sorted(words | characters | {"##" + character for character in characters})
+    tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(special + pieces)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

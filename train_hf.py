@@ -204,11 +204,12 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
         if model_args.preset == "tiny":
             if train_dataset is None or isinstance(train_dataset, datasets.IterableDataset):
                 raise ValueError("--preset tiny trains its tokenizers on the training text: give a (non-streaming) train set")
+            folder = Path(training_args.output_dir) / "tiny_components"
             with training_args.main_process_first(desc="building the tiny components"):
-                answers = [answer for row in train_dataset["answers"] for answer in row]
-                parts = build_tiny_components(
-                    Path(training_args.output_dir) / "tiny_components", train_dataset["question"], answers
-                )
+                if training_args.local_process_index == 0:
+                    answers = [answer for row in train_dataset["answers"] for answer in row]
+                    build_tiny_components(folder, train_dataset["question"], answers)
+            parts = {name: str(folder / name) for name in parts}
         model = VqaFusionForConditionalGeneration.from_pretrained_components(
             **parts, fusion=model_args.fusion, fusion_layers=model_args.fusion_layers
         )

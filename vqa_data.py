@@ -691,19 +691,51 @@ def make_shapes_vqa(
         ("train", "shapes_train", range(1, num_train_images + 1)),
         ("eval", "shapes_val", range(num_train_images + 1, num_train_images + num_val_images + 1)),
     )
-    paths: dict[str, str] = {}
-    for prefix, subtype, image_ids in splits:
-        split_paths = _write_shapes_split(out_dir, subtype, image_ids, questions_per_image, image_size, seed)
-        paths.update({f"{prefix}_{key}": value for key, value in split_paths.items()})
+    info = {
+        "description": "synthetic shapes VQA",
+        "arguments": dict(
+            num_train_images=num_train_images, num_val_images=num_val_images,
+            questions_per_image=questions_per_image, image_size=image_size, seed=seed,
+        ),
+    }
+    paths = {
+        f"{prefix}_{key}": str(path) for prefix, subtype, _ in splits for key, path in _split_paths(out_dir, subtype).items()
+    }
+    if _made_with(paths, info):
+        logger.info("reusing the shapes dataset in %s (made with the same arguments)", out_dir)
+        return paths
+    for _, subtype, image_ids in splits:
+        _write_shapes_split(out_dir, subtype, image_ids, questions_per_image, image_size, seed, info)
     return paths
 
 
+def _split_paths(out_dir: Path, subtype: str) -> dict[str, Path]:
+    return {
+        "questions": out_dir / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
+        "annotations": out_dir / f"v2_mscoco_{subtype}_annotations.json",
+        "scenes": out_dir / f"{subtype}_scenes.json",
+        "images": out_dir / subtype,
+    }
+
+
+def _made_with(paths: dict[str, str], info: dict) -> bool:
+    """Whether a complete shapes dataset made with the same arguments is already there (the annotation
+    files are written last, after every image of their split)."""
+    try:
+        return all(
+            json.loads(Path(paths[f"{prefix}_annotations"]).read_text())["info"] == info for prefix in ("train", "eval")
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _write_shapes_split(
-    out_dir: Path, subtype: str, image_ids: range, questions_per_image: int, image_size: int, seed: int
-) -> dict[str, str]:
+    out_dir: Path, subtype: str, image_ids: range, questions_per_image: int, image_size: int, seed: int, info: dict
+) -> None:
     rng = random.Random(f"shapes-vqa:{seed}:{subtype}")
     balancer = _Balancer(rng)
-    images_dir = out_dir / subtype
+    files = _split_paths(out_dir, subtype)
+    images_dir = files["images"]
     images_dir.mkdir(parents=True, exist_ok=True)
     questions, annotations, scenes = [], [], {}
     for index, image_id in enumerate(image_ids):
@@ -718,21 +750,15 @@ def _write_shapes_split(
             question_id = image_id * 10 + k
             questions.append({"image_id": image_id, "question": qa.question, "question_id": question_id})
             annotations.append(_annotation(question_id, image_id, answer_type, qa))
-    files = {
-        "questions": out_dir / f"v2_OpenEnded_mscoco_{subtype}_questions.json",
-        "annotations": out_dir / f"v2_mscoco_{subtype}_annotations.json",
-        "scenes": out_dir / f"{subtype}_scenes.json",
-    }
     header = {
-        "info": {"description": "synthetic shapes VQA"},
+        "info": info,
         "license": {"name": "CC0"},
         "data_type": "shapes",
         "data_subtype": subtype,
     }
     _write_json(files["questions"], {**header, "task_type": "Open-Ended", "questions": questions})
-    _write_json(files["annotations"], {**header, "annotations": annotations})
     _write_json(files["scenes"], scenes)
-    return {**{key: str(path) for key, path in files.items()}, "images": str(images_dir)}
+    _write_json(files["annotations"], {**header, "annotations": annotations})
 
 
 def _write_json(path: Path, document: Any) -> None:

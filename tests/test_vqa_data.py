@@ -741,3 +741,13 @@ def test_collating_keeps_the_dataset_free_of_pixels(tmp_path):
     assert ds.features["image"] == datasets.Image(decode=False)
     assert all(value["bytes"] is None and value["path"].endswith(".png") for value in ds["image"])
     assert ds.data.nbytes < 256 * 256 * 3  # less than one decoded image for all 8 rows
+
+
+def test_shapes_dataset_is_reused_only_when_made_with_the_same_arguments(tmp_path):
+    first = make_shapes_vqa(tmp_path, num_train_images=6, num_val_images=3, seed=1)
+    annotations = Path(first["train_annotations"])
+    stamp = annotations.stat().st_mtime_ns
+    assert make_shapes_vqa(tmp_path, num_train_images=6, num_val_images=3, seed=1) == first
+    assert annotations.stat().st_mtime_ns == stamp, "an identical dataset is not written again"
+    make_shapes_vqa(tmp_path, num_train_images=9, num_val_images=3, seed=1)
+    assert len(json.loads(annotations.read_text())["annotations"]) == 9 * 3
