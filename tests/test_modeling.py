@@ -281,6 +281,27 @@ def test_from_pretrained_components_keeps_pretrained_weights(make_model, tiny_pa
     assert kept > 0.9 * sum(len(part.state_dict()) for part in parts.values())
 
 
+def test_initializer_range_sets_the_std_of_the_new_weights_only(tiny_parts):
+    def build(**kwargs) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = VqaFusionForConditionalGeneration.from_pretrained_components(**tiny_parts, fusion_layers=1, **kwargs)
+        return dict(model.named_parameters())
+
+    default, wide = build(), build(initializer_range=0.1)
+    new = ["decoder.transformer.h.0.crossattention.c_attn.weight", "encoder.fusion.layers.0.linear1.weight"]
+    for name in new:
+        assert default[name].std().item() == pytest.approx(0.02, rel=0.1)
+        assert wide[name].std().item() == pytest.approx(0.1, rel=0.1)
+    pretrained = [name for name in default if name.startswith(("encoder.question_encoder.", "encoder.vision_encoder."))]
+    pretrained += [name for name in default if name.startswith("decoder.") and "cross" not in name]
+    assert len(pretrained) > 20
+    for name in pretrained:
+        assert torch.equal(default[name], wide[name]), name
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match="initializer_range"):
+            VqaFusionForConditionalGeneration.from_pretrained_components(**tiny_parts, initializer_range=bad)
+
+
 def test_save_and_reload_safetensors_tied_weights_same_outputs(trained, processor, tmp_path):
     model, _ = trained["sequence"]
     model.save_pretrained(tmp_path)
