@@ -55,6 +55,10 @@ class ModelArguments:
     fusion_layers: int = field(
         default=0, metadata={"help": "Sequence fusion: transformer layers over the joint question + image memory."}
     )
+    initializer_range: float | None = field(
+        default=None,
+        metadata={"help": "Std of the weights vqa-fusion adds (fusion, cross-attention); default: the decoder's own."},
+    )
     freeze: str = field(default="none", metadata={"help": f"Comma list of {', '.join(FREEZE_SPECS)}."})
     max_answer_length: int = field(default=16, metadata={"help": "Answer tokens kept in the labels, EOS included."})
 
@@ -66,6 +70,9 @@ class DataArguments:
     )
     synthetic_train_images: int = field(default=4000, metadata={"help": "Shapes dataset: training images."})
     synthetic_eval_images: int = field(default=300, metadata={"help": "Shapes dataset: held-out images."})
+    synthetic_jitter: bool = field(
+        default=False, metadata={"help": "Shapes dataset: vary each object's size and position within its cell."}
+    )
     train_questions: str | None = field(default=None, metadata={"help": "Official VQA v2 questions JSON."})
     train_annotations: str | None = field(default=None, metadata={"help": "Official VQA v2 annotations JSON."})
     train_images: str | None = field(default=None, metadata={"help": "Folder of the training images."})
@@ -136,6 +143,7 @@ def load_datasets(data_args: DataArguments, training_args: Seq2SeqTrainingArgume
                 data_args.synthetic_data_dir,
                 num_train_images=data_args.synthetic_train_images,
                 num_val_images=data_args.synthetic_eval_images,
+                jitter=data_args.synthetic_jitter,
                 seed=training_args.seed,
             )
         for split in ("train", "eval"):
@@ -211,7 +219,10 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
                     build_tiny_components(folder, train_dataset["question"], answers)
             parts = {name: str(folder / name) for name in parts}
         model = VqaFusionForConditionalGeneration.from_pretrained_components(
-            **parts, fusion=model_args.fusion, fusion_layers=model_args.fusion_layers
+            **parts,
+            fusion=model_args.fusion,
+            fusion_layers=model_args.fusion_layers,
+            initializer_range=model_args.initializer_range,
         )
         processor = VqaFusionProcessor.from_pretrained_components(**parts)
     processor.max_answer_length = model_args.max_answer_length

@@ -641,6 +641,7 @@ def make_shapes_vqa(
     num_val_images: int = 300,
     questions_per_image: int = 3,
     image_size: int = 64,
+    jitter: bool = False,
     seed: int = 0,
 ) -> dict[str, str]:
     """Write a synthetic VQA dataset of coloured shapes in the official VQA v2 format.
@@ -650,8 +651,11 @@ def make_shapes_vqa(
 
     Scenes: a `GRID` x `GRID` grid of cells of `image_size / 4` pixels, so a ViT with patch size
     `image_size / 4` sees exactly one cell per patch. An image holds 3 to 8 objects, each in its
-    own cell (position and size jittered, never leaving the cell), of one of `SHAPES` and one of
-    the six `COLORS`, on a light grey background with a slight random tint. JPEG quality 95
+    own cell, of one of `SHAPES` and one of the six `COLORS`, on a light grey background with a
+    slight random tint. An object fills its cell but for a 2-pixel margin (at 64 px); with
+    `jitter`, its size and position within the cell vary at random (it never leaves the cell),
+    which the tiny demo model learns several times more slowly: a patch embedding is linear, so
+    a shape that moves within its patch has to be learned at every offset. JPEG quality 95
     without chroma subsampling keeps the colours separable.
 
     Spatial rule: row 0 is the top row of cells, row 3 the bottom row, column 0 the leftmost and
@@ -695,7 +699,7 @@ def make_shapes_vqa(
         "description": "synthetic shapes VQA",
         "arguments": dict(
             num_train_images=num_train_images, num_val_images=num_val_images,
-            questions_per_image=questions_per_image, image_size=image_size, seed=seed,
+            questions_per_image=questions_per_image, image_size=image_size, jitter=jitter, seed=seed,
         ),
     }
     paths = {
@@ -705,7 +709,7 @@ def make_shapes_vqa(
         logger.info("reusing the shapes dataset in %s (made with the same arguments)", out_dir)
         return paths
     for _, subtype, image_ids in splits:
-        _write_shapes_split(out_dir, subtype, image_ids, questions_per_image, image_size, seed, info)
+        _write_shapes_split(out_dir, subtype, image_ids, questions_per_image, image_size, jitter, seed, info)
     return paths
 
 
@@ -730,7 +734,14 @@ def _made_with(paths: dict[str, str], info: dict) -> bool:
 
 
 def _write_shapes_split(
-    out_dir: Path, subtype: str, image_ids: range, questions_per_image: int, image_size: int, seed: int, info: dict
+    out_dir: Path,
+    subtype: str,
+    image_ids: range,
+    questions_per_image: int,
+    image_size: int,
+    jitter: bool,
+    seed: int,
+    info: dict,
 ) -> None:
     rng = random.Random(f"shapes-vqa:{seed}:{subtype}")
     balancer = _Balancer(rng)
@@ -743,7 +754,7 @@ def _write_shapes_split(
         types = [_ANSWER_TYPES[(first + k) % len(_ANSWER_TYPES)] for k in range(questions_per_image)]
         scene, qas = _make_example(types, balancer)
         scenes[str(image_id)] = [obj._asdict() for obj in scene]
-        _render(scene, image_size, rng).save(
+        _render(scene, image_size, jitter, rng).save(
             images_dir / f"COCO_{subtype}_{image_id:012d}.jpg", quality=95, subsampling=0
         )
         for k, (answer_type, qa) in enumerate(zip(types, qas)):
@@ -873,16 +884,19 @@ def _other_question(scene: list[_Object], balancer: _Balancer) -> _QA:
     return balancer.rng.choice([qa for qa in candidates if qa.answer == answer])
 
 
-def _render(scene: list[_Object], image_size: int, rng: random.Random) -> Image.Image:
+def _render(scene: list[_Object], image_size: int, jitter: bool, rng: random.Random) -> Image.Image:
     cell = image_size // GRID
     background = tuple(240 + rng.randint(-8, 8) for _ in range(3))
     image = Image.new("RGB", (image_size, image_size), background)
     draw = ImageDraw.Draw(image)
+    margin = cell // 8
     for obj in scene:
-        size = rng.randint(max(3, round(0.6 * cell)), cell - 2)
-        left = obj.col * cell + rng.randint(1, cell - 1 - size)
-        top = obj.row * cell + rng.randint(1, cell - 1 - size)
-        _draw_shape(draw, obj.shape, left, top, size, COLORS[obj.color])
+        if jitter:
+            size = rng.randint(max(3, round(0.6 * cell)), cell - 2)
+            left, top = rng.randint(1, cell - 1 - size), rng.randint(1, cell - 1 - size)
+        else:
+            size, left, top = cell - 2 * margin, margin, margin
+        _draw_shape(draw, obj.shape, obj.col * cell + left, obj.row * cell + top, size, COLORS[obj.color])
     return image
 
 

@@ -586,12 +586,14 @@ def classify_shape(mask: np.ndarray) -> str:
     return "circle" if box.mean() > 0.7 else "cross"
 
 
-def test_shapes_images_show_the_scene(shapes):
+def object_boxes(shapes: dict, count: int) -> list[tuple[int, int, int, int]]:
     """Re-derive each cell's content from pixels: empty cells are background, occupied cells hold
-    one object of the scene's colour and shape (so objects stay inside their cells)."""
+    one object of the scene's colour and shape (so objects stay inside their cells). Returns every
+    object's bounding box within its cell, (top, left, bottom, right)."""
     scenes = json.loads(Path(shapes["train_scenes"]).read_text())
     images = Path(shapes["train_images"])
-    for image_id in list(scenes)[:60]:
+    boxes = []
+    for image_id in list(scenes)[:count]:
         image = Image.open(images / f"COCO_shapes_train_{int(image_id):012d}.jpg")
         pixels = np.asarray(image.convert("RGB")).astype(int)
         assert pixels.shape == (64, 64, 3)
@@ -610,6 +612,22 @@ def test_shapes_images_show_the_scene(shapes):
                 nearest = min(REFERENCE_COLORS, key=lambda name: np.abs(median - REFERENCE_COLORS[name]).sum())
                 assert nearest == obj["color"], (image_id, obj, median)
                 assert classify_shape(mask) == obj["shape"], (image_id, obj)
+                ys, xs = np.nonzero(mask)
+                boxes.append((ys.min(), xs.min(), ys.max(), xs.max()))
+    return boxes
+
+
+def test_shapes_images_show_the_scene_objects_fill_their_cells(shapes):
+    boxes = object_boxes(shapes, 60)
+    assert len(boxes) > 60 * 3
+    assert set(boxes) == {(2, 2, 13, 13)}, "without jitter every object is the 12-pixel box 2 pixels into its cell"
+
+
+def test_shapes_jitter_moves_and_resizes_objects_within_their_cells(tmp_path):
+    shapes = make_shapes_vqa(tmp_path, num_train_images=60, num_val_images=3, jitter=True, seed=3)
+    boxes = object_boxes(shapes, 60)
+    assert len({(top, left) for top, left, _, _ in boxes}) >= 10
+    assert len({bottom - top for top, _, bottom, _ in boxes}) >= 3
 
 
 def test_shapes_deterministic_per_seed(tmp_path):
@@ -751,3 +769,7 @@ def test_shapes_dataset_is_reused_only_when_made_with_the_same_arguments(tmp_pat
     assert annotations.stat().st_mtime_ns == stamp, "an identical dataset is not written again"
     make_shapes_vqa(tmp_path, num_train_images=9, num_val_images=3, seed=1)
     assert len(json.loads(annotations.read_text())["annotations"]) == 9 * 3
+    image = Path(first["train_images"]) / "COCO_shapes_train_000000000001.jpg"
+    plain = image.read_bytes()
+    make_shapes_vqa(tmp_path, num_train_images=9, num_val_images=3, jitter=True, seed=1)
+    assert image.read_bytes() != plain, "a jittered dataset is not taken for a plain one"
