@@ -578,12 +578,12 @@ COLORS = {
 }
 MAX_COUNT = 5
 _PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
-# Edge regions of the grid used by position questions: (name, attribute, grid index).
-_EDGES = (
-    ("top row", "row", 0),
-    ("bottom row", "row", GRID - 1),
-    ("left column", "col", 0),
-    ("right column", "col", GRID - 1),
+# Corner cells of the grid used by position questions: (name, row, column).
+_CORNERS = (
+    ("top left corner", 0, 0),
+    ("top right corner", 0, GRID - 1),
+    ("bottom left corner", GRID - 1, 0),
+    ("bottom right corner", GRID - 1, GRID - 1),
 )
 _ANSWER_TYPES = ("yes/no", "number", "other")
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 8
@@ -659,9 +659,9 @@ def make_shapes_vqa(
     without chroma subsampling keeps the colours separable.
 
     Spatial rule: row 0 is the top row of cells, row 3 the bottom row, column 0 the leftmost and
-    column 3 the rightmost. "In the top row" means "in a cell of grid row 0" (likewise bottom
-    row, left column, right column); it is a property of the cell, not of pixel coordinates. A
-    position question is only asked when exactly one object lies in that row or column.
+    column 3 the rightmost. "In the top left corner" means "in the cell at row 0, column 0"
+    (likewise the other three corners); it is a property of the cell, not of pixel coordinates.
+    A position question is only asked about an occupied corner.
 
     Questions, one per answer type per image in rotation (question `k` of image `i` has type
     `(i * questions_per_image + k) % 3`, so each type holds a third of the questions):
@@ -672,8 +672,8 @@ def make_shapes_vqa(
       count 0..5 comes from a shuffled deck and the shape/colour is drawn independently, then
       the scene is built to match, so the count does not depend on the question text.
     - other: "What color is the <shape>?" (exactly one such shape), "What shape is the <color>
-      object?" (exactly one object of that colour), "What shape is in the <edge>?" and "What
-      color is the object in the <edge>?" (exactly one object there). Among the questions an
+      object?" (exactly one object of that colour), "What shape is in the <corner>?" and "What
+      color is the object in the <corner>?" (that corner holds an object). Among the questions an
       image allows, the answer used least so far is chosen, balancing the ten answers.
 
     Besides the official files, `<subtype>_scenes.json` records every scene
@@ -865,11 +865,11 @@ def _other_candidates(scene: list[_Object]) -> list[_QA]:
     for color, objects in by_color.items():
         if len(objects) == 1:
             candidates.append(_QA(f"What shape is the {color} object?", objects[0].shape, "what shape is the"))
-    for name, attribute, index in _EDGES:
-        objects = [obj for obj in scene if getattr(obj, attribute) == index]
-        if len(objects) == 1:
-            candidates.append(_QA(f"What shape is in the {name}?", objects[0].shape, "what shape is in the"))
-            candidates.append(_QA(f"What color is the object in the {name}?", objects[0].color, "what color is the"))
+    for name, row, col in _CORNERS:
+        for obj in scene:
+            if (obj.row, obj.col) == (row, col):
+                candidates.append(_QA(f"What shape is in the {name}?", obj.shape, "what shape is in the"))
+                candidates.append(_QA(f"What color is the object in the {name}?", obj.color, "what color is the"))
     return candidates
 
 

@@ -450,7 +450,7 @@ REFERENCE_COLORS = {
 }
 QUESTION_TYPES = {"is there a", "how many", "what color is the", "what shape is the", "what shape is in the"}
 SINGULAR = {"circles": "circle", "squares": "square", "triangles": "triangle", "crosses": "cross"}
-EDGE_CELLS = {"top row": ("row", 0), "bottom row": ("row", 3), "left column": ("col", 0), "right column": ("col", 3)}
+CORNER_CELLS = {"top left": (0, 0), "top right": (0, 3), "bottom left": (3, 0), "bottom right": (3, 3)}
 
 
 @pytest.fixture(scope="module")
@@ -483,9 +483,8 @@ def expected_answer(question: str, scene: list[dict]) -> str:
     if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
         (match,) = [o for o in scene if o["color"] == m[1]]
         return match["shape"]
-    if m := re.fullmatch(r"What (shape|color) is (?:in the|the object in the) (\w+ \w+)\?", question):
-        axis, index = EDGE_CELLS[m[2]]
-        (match,) = [o for o in scene if o[axis] == index]
+    if m := re.fullmatch(r"What (shape|color) is (?:in the|the object in the) (\w+ \w+) corner\?", question):
+        (match,) = [o for o in scene if (o["row"], o["col"]) == CORNER_CELLS[m[2]]]
         return match[m[1]]
     raise AssertionError(f"unexpected question {question!r}")
 
