@@ -305,6 +305,8 @@ def render_model_card(model_args, data_args, training_args, model, metrics: dict
     data = data_args.dataset_name or data_args.train_questions or "(none)"
     accuracy = "\n".join(f"| {name} | {value} |" for name, value in sorted(metrics.items()) if "vqa_accuracy" in name)
     hyper = {
+        "fusion_layers": config.fusion_layers,
+        "initializer_range": model_args.initializer_range,
         "learning_rate": training_args.learning_rate,
         "lr_scheduler_type": str(training_args.lr_scheduler_type),
         "warmup_steps": training_args.warmup_steps,
