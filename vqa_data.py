@@ -588,6 +588,9 @@ _CORNERS = (
 _ANSWER_TYPES = ("yes/no", "number", "other")
 _MIN_OBJECTS, _MAX_OBJECTS = 3, 8
 _TEN_ANSWERS = range(1, 11)
+# Recorded in the files and compared before a dataset is reused: bump it whenever the generator's output changes
+# for the same arguments (2: centred objects and corner questions), so old data is never taken for new.
+_SHAPES_VERSION = 2
 
 
 class _Object(NamedTuple):
@@ -697,6 +700,7 @@ def make_shapes_vqa(
     )
     info = {
         "description": "synthetic shapes VQA",
+        "version": _SHAPES_VERSION,
         "arguments": dict(
             num_train_images=num_train_images, num_val_images=num_val_images,
             questions_per_image=questions_per_image, image_size=image_size, jitter=jitter, seed=seed,

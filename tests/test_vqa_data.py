@@ -772,3 +772,13 @@ def test_shapes_dataset_is_reused_only_when_made_with_the_same_arguments(tmp_pat
     plain = image.read_bytes()
     make_shapes_vqa(tmp_path, num_train_images=9, num_val_images=3, jitter=True, seed=1)
     assert image.read_bytes() != plain, "a jittered dataset is not taken for a plain one"
+
+
+def test_shapes_dataset_from_another_generator_version_is_made_again(tmp_path, monkeypatch):
+    first = make_shapes_vqa(tmp_path, num_train_images=6, num_val_images=3, seed=1)
+    annotations = Path(first["train_annotations"])
+    stamp = annotations.stat().st_mtime_ns
+    monkeypatch.setattr(vqa_data, "_SHAPES_VERSION", vqa_data._SHAPES_VERSION + 1)
+    make_shapes_vqa(tmp_path, num_train_images=6, num_val_images=3, seed=1)
+    assert annotations.stat().st_mtime_ns != stamp
+    assert json.loads(annotations.read_text())["info"]["version"] == vqa_data._SHAPES_VERSION
