@@ -38,7 +38,7 @@ class VqaFusionConfig(PreTrainedConfig):
         fusion_layers (`int`, *optional*, defaults to 0):
             `"sequence"` only: transformer layers (the decoder's head count, no dropout) over the joint
             question + image memory, so that patches can read the question before the decoder attends to them.
-            Measured on the shapes demo: one layer learns faster; each costs about one vision layer.
+            Measured on the shapes demo: layers learn faster (the demo uses two); each costs about one vision layer.
         projection_dim (`int`, *optional*):
             Width of the fused memory. `None` means the decoder's hidden size, which is what GPT-2's
             cross-attention reads; another width needs a decoder whose config sets
