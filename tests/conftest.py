@@ -1,6 +1,7 @@
 """Shared fixtures: tiny components saved to a temporary folder once per session, loaded through the same
 `from_pretrained_components` path a user takes with hub ids."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -47,3 +48,25 @@ def make_model(tiny_parts):
 def solid(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> Image.Image:
     """A plain RGB image of one colour."""
     return Image.new("RGB", size, color)
+
+
+def write_json(path: Path, document) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+def save_image(path: Path, color=(200, 30, 30), size=(8, 8), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "RGB" else 128).save(path)
+    return path
+
+
+class RecordingProcessor:
+    """Stands in for the real processor: records every call and returns a marker."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return {"call": len(self.calls)}
