@@ -56,7 +56,8 @@ _CONTRACTIONS = {
 # "she's", which map to themselves, are left out as no-ops.
 _CONTRACTIONS["somebody'd"] = "somebodyd"
 
-_ANSWER_TYPE_KEYS = {"yes/no": "yes_no", "number": "number", "other": "other"}
+# Characters of an answer type that cannot be part of a metric name: "yes/no" -> "vqa_accuracy_yes_no".
+_NOT_IN_METRIC_NAMES = re.compile(r"[^0-9a-z]+")
 
 
 def _process_punctuation(text: str) -> str:
@@ -126,6 +127,15 @@ def _percent(scores: Sequence[float]) -> float:
     return round(100 * sum(scores) / len(scores), 2)
 
 
+def answer_type_key(answer_type: str) -> str:
+    """The metric name of an answer type: lowercase, every run of other characters than letters and
+    digits as one "_" ("yes/no" -> "vqa_accuracy_yes_no", "unanswerable" -> "vqa_accuracy_unanswerable")."""
+    slug = _NOT_IN_METRIC_NAMES.sub("_", answer_type.lower()).strip("_")
+    if not slug:
+        raise ValueError(f"answer type {answer_type!r} has no letter or digit to name its accuracy")
+    return f"vqa_accuracy_{slug}"
+
+
 def vqa_accuracy(
     predictions: Sequence[str],
     answers: Sequence[Sequence[str]],
@@ -134,9 +144,10 @@ def vqa_accuracy(
     """Official VQA v2 accuracy over a set of questions, overall and per answer type.
 
     Returns percentages rounded to 2 decimals under "vqa_accuracy" and, for each
-    answer type present ("yes/no", "number", "other"), under "vqa_accuracy_yes_no",
-    "vqa_accuracy_number" and "vqa_accuracy_other". Questions whose answer type is
-    None count only towards the overall accuracy.
+    answer type present, whatever its label (VQA v2: "yes/no", "number", "other";
+    VizWiz adds "unanswerable"), under `answer_type_key(type)`: "vqa_accuracy_yes_no",
+    "vqa_accuracy_number", ... Questions whose answer type is None count only towards
+    the overall accuracy, as in the official script, which groups by the types it finds.
     """
     if len(predictions) != len(answers):
         raise ValueError(f"got {len(predictions)} predictions but {len(answers)} answer lists")
@@ -146,16 +157,18 @@ def vqa_accuracy(
         raise ValueError(f"got {len(predictions)} predictions but {len(answer_types)} answer types")
     if len(predictions) == 0:
         raise ValueError("no predictions: VQA accuracy is undefined on an empty set")
-    unknown = sorted({t for t in answer_types if t is not None and t not in _ANSWER_TYPE_KEYS})
-    if unknown:
-        raise ValueError(f"unknown answer type(s) {unknown}; expected one of {sorted(_ANSWER_TYPE_KEYS)}")
+    keys: dict[str, str] = {}
+    for answer_type in dict.fromkeys(t for t in answer_types if t is not None):
+        key = answer_type_key(answer_type)
+        clash = next((other for other, other_key in keys.items() if other_key == key), None)
+        if clash is not None:
+            raise ValueError(f"answer types {clash!r} and {answer_type!r} would both be reported as {key!r}")
+        keys[answer_type] = key
 
     scores = [vqa_score(p, a) for p, a in zip(predictions, answers)]
     result = {"vqa_accuracy": _percent(scores)}
-    for answer_type, suffix in _ANSWER_TYPE_KEYS.items():
-        typed = [s for s, t in zip(scores, answer_types) if t == answer_type]
-        if typed:
-            result[f"vqa_accuracy_{suffix}"] = _percent(typed)
+    for answer_type, key in keys.items():
+        result[key] = _percent([s for s, t in zip(scores, answer_types) if t == answer_type])
     return result
 
 
@@ -172,11 +185,12 @@ _INPUTS_DESCRIPTION = """\
 Args:
     predictions: one predicted answer string per question.
     references: the human answers (usually 10) for each question.
-    answer_types: optional keyword argument of compute(), one of "yes/no",
-        "number", "other" or None per question, for per-type accuracies.
+    answer_types: optional keyword argument of compute(), an answer type label
+        (VQA v2: "yes/no", "number", "other") or None per question, for per-type accuracies.
 Returns:
-    "vqa_accuracy" and, per answer type present, "vqa_accuracy_yes_no",
-    "vqa_accuracy_number", "vqa_accuracy_other", in percent rounded to 2 decimals.
+    "vqa_accuracy" and, per answer type present, "vqa_accuracy_<type>" with every run of
+    characters other than letters and digits as "_" ("vqa_accuracy_yes_no"), in percent
+    rounded to 2 decimals.
 """
 
 

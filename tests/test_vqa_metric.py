@@ -147,9 +147,26 @@ def test_accuracy_rejects_mismatched_lengths() -> None:
         vqa_accuracy(["yes"], [["yes"] * 10], ["yes/no", "other"])
 
 
-def test_accuracy_rejects_unknown_answer_type() -> None:
-    with pytest.raises(ValueError, match="colour"):
-        vqa_accuracy(["red"], [["red"] * 10], ["colour"])
+def test_accuracy_reports_every_answer_type_it_finds() -> None:
+    # VizWiz's "unanswerable" and GQA-style structural types are grouped like VQA v2's three.
+    result = vqa_accuracy(
+        ["unanswerable", "red", "yes", "no"],
+        [["unanswerable"] * 10, ["blue"] * 10, ["yes"] * 10, ["yes"] * 10],
+        ["unanswerable", "Query Attr", "yes/no", "yes/no"],
+    )
+    assert result == {
+        "vqa_accuracy": 50.0,
+        "vqa_accuracy_unanswerable": 100.0,
+        "vqa_accuracy_query_attr": 0.0,
+        "vqa_accuracy_yes_no": 50.0,
+    }
+
+
+def test_accuracy_refuses_answer_types_that_share_a_metric_name() -> None:
+    with pytest.raises(ValueError, match="'yes/no' and 'yes no'"):
+        vqa_accuracy(["yes", "no"], [["yes"] * 10, ["no"] * 10], ["yes/no", "yes no"])
+    with pytest.raises(ValueError, match="'\?\?'"):
+        vqa_accuracy(["yes"], [["yes"] * 10], ["??"])
 
 
 def test_accuracy_rejects_empty_input() -> None:
