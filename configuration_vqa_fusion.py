@@ -40,9 +40,8 @@ class VqaFusionConfig(PreTrainedConfig):
             question + image memory, so that patches can read the question before the decoder attends to them.
             Measured on the shapes demo: layers learn faster (the demo uses two); each costs about one vision layer.
         projection_dim (`int`, *optional*):
-            Width of the fused memory. `None` means the decoder's hidden size, which is what GPT-2's
-            cross-attention reads; another width needs a decoder whose config sets
-            `cross_attention_hidden_size` to it.
+            Width of the fused memory. It must equal the decoder's hidden size, which is what GPT-2's
+            cross-attention reads (`None`, the default, takes it from the decoder config).
         pad_token_id, bos_token_id, eos_token_id, decoder_start_token_id (`int`, *optional*):
             The decoder's token ids; unset ones are taken from the decoder config (GPT-2 has no pad token, so
             its EOS pads). Generated sequences start with `decoder_start_token_id`.
@@ -87,13 +86,13 @@ class VqaFusionConfig(PreTrainedConfig):
         self.decoder.is_decoder = True
         self.decoder.add_cross_attention = True
         decoder_width = self.decoder.hidden_size
-        memory_width = getattr(self.decoder, "cross_attention_hidden_size", None) or decoder_width
         if self.projection_dim is None:
-            self.projection_dim = memory_width
-        elif self.projection_dim != memory_width:
+            self.projection_dim = decoder_width
+        elif self.projection_dim != decoder_width:
             raise ValueError(
-                f"projection_dim={self.projection_dim} but the decoder's cross-attention reads memory of width "
-                f"{memory_width}; leave projection_dim unset or set decoder.cross_attention_hidden_size"
+                f"projection_dim={self.projection_dim} but the decoder's hidden size is {decoder_width}: its "
+                "cross-attention reads memory of that width and the question embedding is added to its input "
+                "embeddings; leave projection_dim unset"
             )
         if self.eos_token_id is None:
             self.eos_token_id = self.decoder.eos_token_id

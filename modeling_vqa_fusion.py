@@ -153,6 +153,8 @@ class VqaFusionEncoder(nn.Module):
             raise ValueError(f"{missing} must be given (or `encoder_outputs` from an earlier call)")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
         vision = self.config.vision_encoder
         channels = vision.num_channels
         if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
@@ -215,12 +217,13 @@ class VqaFusionPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The fusion's projections keep the scale of the encoder states (Xavier), its modality embeddings start
-        small; modules of the pretrained parts are initialised by their own classes."""
-        if isinstance(module, (MeanFusion, SequenceFusion)):
-            for projection in (module.question_projection, module.image_projection):
-                init.xavier_uniform_(projection.weight)
-                init.zeros_(projection.bias)
+        """Every weight vqa-fusion adds (projections, modality embeddings, fusion layers, the decoder's new
+        cross-attention) starts at N(0, initializer_range), biases at zero, norms at one. Weights loaded from the
+        pretrained parts are never touched. The fusion layers' attention keeps its in-projection as one parameter
+        of `nn.MultiheadAttention`, which the generic initialisation would give PyTorch's own Xavier scale."""
+        if isinstance(module, nn.MultiheadAttention):
+            init.normal_(module.in_proj_weight, mean=0.0, std=self.config.get_text_config().initializer_range)
+            init.zeros_(module.in_proj_bias)
         else:
             super()._init_weights(module)
 
@@ -296,7 +299,9 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
         )
         model = cls(config, **parts)
         model.generation_config = GenerationConfig.from_model_config(config)
-        model.generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        # A length limit, not `max_new_tokens`: `generate(max_length=...)` and `Seq2SeqTrainer`'s
+        # `generation_max_length` override `max_length`, but `max_new_tokens` would win over both.
+        model.generation_config.max_length = 1 + DEFAULT_MAX_NEW_TOKENS
         return model
 
     def get_encoder(self, modality: str | None = None) -> VqaFusionEncoder:
@@ -361,7 +366,8 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
             attention_mask (`torch.LongTensor` of shape `(batch_size, question_length)`): question padding mask.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, channels, height, width)`): images.
             decoder_input_ids (`torch.LongTensor` of shape `(batch_size, answer_length)`, *optional*):
-                Defaults to `labels` shifted right behind `decoder_start_token_id`.
+                Defaults to `labels` shifted right behind `decoder_start_token_id`; without labels, to the start
+                token alone, so `logits` are the scores of the first answer token.
             encoder_outputs ([`VqaFusionEncoderOutput`], *optional*): a memory computed before; then the
                 encoders are skipped (as in every step of `generate` after the first).
             labels (`torch.LongTensor` of shape `(batch_size, answer_length)`, *optional*):
@@ -379,6 +385,13 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
                 raise ValueError(f"batch sizes differ: labels has {labels.shape[0]} rows, the inputs {memory.shape[0]}")
             if decoder_input_ids is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+            # Teacher forcing reads the whole answer at once: a KV cache would only cost memory.
+            use_cache = False
+        elif decoder_input_ids is None:
+            # No answer given: score the first answer token, as `generate`'s first step does.
+            decoder_input_ids = torch.full(
+                (memory.shape[0], 1), self.config.decoder_start_token_id, dtype=torch.long, device=memory.device
+            )
 
         inputs_embeds = None
         if encoder_outputs.question_embedding is not None:

@@ -252,11 +252,13 @@ def bad_input_cases(batch):
         "nothing": ({"labels": batch["labels"]}, "input_ids and pixel_values must be given"),
         "labels": ({**batch, "labels": batch["labels"][:1]}, "labels has 1 rows"),
         "mask": ({**batch, "attention_mask": batch["attention_mask"][:, :2]}, "attention_mask has shape"),
+        "float_ids": ({**batch, "input_ids": batch["input_ids"].float()}, "input_ids must be an integer tensor"),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["nan", "inf", "batch", "size", "rank", "channels", "integer", "no_pixels", "nothing", "labels", "mask"]
+    "case",
+    ["nan", "inf", "batch", "size", "rank", "channels", "integer", "no_pixels", "nothing", "labels", "mask", "float_ids"],
 )
 def test_bad_inputs_raise_clear_errors(make_model, processor, case):
     model = make_model("sequence")
@@ -288,15 +290,25 @@ def test_initializer_range_sets_the_std_of_the_new_weights_only(tiny_parts):
         return dict(model.named_parameters())
 
     default, wide = build(), build(initializer_range=0.1)
-    new = ["decoder.transformer.h.0.crossattention.c_attn.weight", "encoder.fusion.layers.0.linear1.weight"]
-    for name in new:
-        assert default[name].std().item() == pytest.approx(0.02, rel=0.1)
-        assert wide[name].std().item() == pytest.approx(0.1, rel=0.1)
     pretrained = [name for name in default if name.startswith(("encoder.question_encoder.", "encoder.vision_encoder."))]
     pretrained += [name for name in default if name.startswith("decoder.") and "cross" not in name]
     assert len(pretrained) > 20
     for name in pretrained:
         assert torch.equal(default[name], wide[name]), name
+    # Every new weight matrix large enough for its sample std to be meaningful (1,024+ values).
+    new = [name for name, p in default.items() if name not in pretrained and p.dim() == 2 and p.numel() >= 1024]
+    assert {
+        "decoder.transformer.h.0.crossattention.c_attn.weight",
+        "encoder.fusion.question_projection.weight",
+        "encoder.fusion.image_projection.weight",
+        "encoder.fusion.layers.0.self_attn.in_proj_weight",
+        "encoder.fusion.layers.0.linear1.weight",
+    } <= set(new)
+    for name in new:
+        # GPT-2 scales its residual projections (`c_proj`) down by sqrt(2 * layers); every other one is at the range.
+        assert wide[name].std().item() == pytest.approx(5 * default[name].std().item(), rel=0.05), name
+        if "c_proj" not in name:
+            assert default[name].std().item() == pytest.approx(0.02, rel=0.1), name
     for bad in (0.0, -0.1):
         with pytest.raises(ValueError, match="initializer_range"):
             VqaFusionForConditionalGeneration.from_pretrained_components(**tiny_parts, initializer_range=bad)
@@ -316,3 +328,41 @@ def test_save_and_reload_safetensors_tied_weights_same_outputs(trained, processo
     assert decoder.lm_head.weight.data_ptr() == decoder.transformer.wte.weight.data_ptr()
     inputs = make_batch(processor, with_answers=False)
     assert torch.equal(reloaded.generate(**inputs, max_new_tokens=8), model.generate(**inputs, max_new_tokens=8))
+
+
+def test_forward_without_answers_scores_the_first_answer_token(trained, processor):
+    model, _ = trained["sequence"]
+    inputs = make_batch(processor, with_answers=False)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=1)
+    assert logits.shape[:2] == (len(EXAMPLES), 1)
+    assert torch.equal(logits[:, 0].argmax(-1), generated[:, 1])
+
+
+def test_training_forward_builds_no_cache(make_model, processor):
+    model = make_model("sequence").train()
+    assert model(**make_batch(processor)).cache is None
+
+
+def test_generation_length_follows_max_length(make_model, processor):
+    """The default generation config sets a length limit that `max_length` (what Seq2SeqTrainer's
+    `generation_max_length` becomes) overrides, instead of a `max_new_tokens` that would win over it."""
+    model = make_model("sequence").eval()
+    inputs = make_batch(processor, with_answers=False)
+    assert model.generation_config.max_new_tokens is None
+    default = model.generate(**inputs, min_length=model.generation_config.max_length)
+    assert default.shape[1] == model.generation_config.max_length
+    assert model.generate(**inputs, max_length=4, min_length=4).shape[1] == 4
+
+
+def test_projection_dim_must_match_the_decoder_width(tiny_parts):
+    from transformers import AutoConfig
+
+    from configuration_vqa_fusion import VqaFusionConfig
+
+    parts = {name: AutoConfig.from_pretrained(path).to_dict() for name, path in tiny_parts.items()}
+    width = parts["decoder"]["n_embd"]
+    assert VqaFusionConfig(**parts).projection_dim == width
+    with pytest.raises(ValueError, match=f"projection_dim={2 * width}.*hidden size is {width}"):
+        VqaFusionConfig(**parts, projection_dim=2 * width)
