@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import RecordingProcessor, save_image
@@ -102,3 +103,19 @@ def test_collator_names_path_and_question_id_of_unreadable_images(tmp_path, make
         collator([row(good, 1), row(str(bad), 4242)])
     assert str(bad) in str(info.value) and "question_id=4242" in str(info.value)
     assert info.value.__cause__ is not None
+
+
+def test_collator_gives_the_decoder_inputs_the_model_would_build(tmp_path, processor, make_model):
+    """The Trainer pops `labels` before the forward when it smooths them: the decoder inputs must already be
+    in the batch, and be exactly those the model builds from the labels."""
+    model = make_model()
+    image = str(save_image(tmp_path / "x.jpg"))
+    rows = [row(image, 1, consensus="red"), row(image, 2, consensus="a very long answer indeed")]
+    batch = VqaCollator(processor, model=model)(rows)
+    assert batch["decoder_input_ids"].tolist() == model.prepare_decoder_input_ids_from_labels(batch["labels"]).tolist()
+    assert batch["decoder_input_ids"][0, 0] == model.config.decoder_start_token_id
+    with_labels = model(**batch).loss
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    assert torch.allclose(model.answer_loss(logits, labels), with_labels)
+    assert "decoder_input_ids" not in VqaCollator(processor, answer_strategy=None, model=model)(rows)

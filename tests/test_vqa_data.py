@@ -4,6 +4,7 @@ nothing touches the network."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -126,6 +127,23 @@ def test_reader_prefers_coco_name_and_falls_back_by_listing(official, tmp_path):
     paths = {r["question_id"]: Path(r["image"]["path"]).name for r in ds}
     assert paths[90] == coco_path(images, 9).name
     assert paths[300] == "0030.PNG"
+
+
+def test_test_dev_questions_find_their_images_among_the_test2015_ones(official, tmp_path):
+    questions_file, _, _ = official
+    questions = json.loads(questions_file.read_text())
+    questions["data_subtype"] = "test-dev2015"
+    test_dev = write_json(tmp_path / "test-dev.json", questions)
+    images = tmp_path / "test2015"
+    for image_id in (9, 25):
+        save_image(images / f"COCO_test2015_{image_id:012d}.jpg")
+    with pytest.raises(ValueError, match=r"COCO_test2015_000000000030\.jpg \(question_id=300\)"):
+        load_vqa_files(test_dev, None, images)
+    save_image(images / "COCO_test2015_000000000030.jpg")
+    ds = load_vqa_files(test_dev, None, images)
+    assert [Path(row["image"]["path"]).name for row in ds] == [
+        f"COCO_test2015_{image_id:012d}.jpg" for image_id in (9, 25, 25, 30)
+    ]
 
 
 def _break_json(q, a):
@@ -315,6 +333,29 @@ def test_load_vqa_dataset_requires_question_column(parquet_source, tmp_path):
         load_vqa_dataset(
             path, split="train", column_mapping={"question_id": "qid", "image": "file"}, cache_dir=str(tmp_path / "c")
         )
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_source_with_only_image_question_and_answer_gets_the_rest_derived(tmp_path, streaming):
+    image = save_image(tmp_path / "i.jpg")
+    raw = datasets.Dataset.from_dict({"image": [str(image)] * 3, "question": ["Q1?", "Q2?", "Q3?"],
+                                      "answer": ["red", "two", None], "extra": [1, 2, 3]})
+    raw.to_parquet(str(tmp_path / "data.parquet"))
+    rows = list(load_vqa_dataset(tmp_path / "data.parquet", split="test", streaming=streaming,
+                                 column_mapping={"multiple_choice_answer": "answer"}, cache_dir=str(tmp_path / "c")))
+    assert [row["question_id"] for row in rows] == [0, 1, 2], "a question's id is its position in the split"
+    assert rows[0]["answers"] == ["red"] * 10, "one answer stands for the ten annotators"
+    assert rows[2]["answers"] == [] and rows[2]["multiple_choice_answer"] is None
+    assert {row["image_id"] for row in rows} == {-1} and {row["answer_type"] for row in rows} == {None}
+
+
+def test_the_consensus_of_a_source_without_one_is_its_most_common_answer(tmp_path):
+    image = save_image(tmp_path / "i.jpg")
+    raw = datasets.Dataset.from_dict({"question_id": [7], "image": [str(image)], "question": ["Q?"],
+                                      "answers": [["no", "yes", "yes", "no", "yes"]]})
+    (row,) = vqa_data.to_vqa_rows(raw)
+    assert row["multiple_choice_answer"] == "yes" and row["answers"] == ["no", "yes", "yes", "no", "yes"]
+    assert row["question_id"] == 7
 
 
 def test_load_vqa_dataset_streaming_yields_contract_rows(parquet_source, tmp_path):
