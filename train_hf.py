@@ -159,7 +159,7 @@ def _flags_given(argv: list[str]) -> set[str]:
     return set(vars(given))
 
 
-def parse_arguments(argv: list[str]) -> tuple["ModelArguments", "DataArguments", Seq2SeqTrainingArguments]:
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq2SeqTrainingArguments]:
     """A YAML/JSON recipe, flags, or both (flags override the recipe; data flags replace the recipe's data);
     no arguments at all runs the demo. Then `check_run_mode` completes and checks them."""
     parser = _parser()
@@ -299,14 +299,19 @@ def load_datasets(data_args: DataArguments, training_args: Seq2SeqTrainingArgume
         }
 
         def load(split: str):
-            return load_vqa_dataset(
+            rows = load_vqa_dataset(
                 data_args.dataset_name,
                 split=data_args.train_split if split == "train" else data_args.eval_split,
                 column_mapping=mapping,
-                streaming=data_args.streaming and split == "train",
+                streaming=data_args.streaming,
                 images_dir=data_args.images_dir,
                 skip_missing_images=data_args.skip_missing_images,
             )
+            if data_args.streaming and split == "eval":
+                if not data_args.max_eval_samples:
+                    raise ValueError("--streaming evaluation needs --max_eval_samples (the held-out set is kept in memory)")
+                rows = datasets.Dataset.from_list(list(rows.take(data_args.max_eval_samples)))
+            return rows
 
     else:
 
@@ -329,7 +334,9 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
     """A trained model to continue or evaluate, pretrained components to fine-tune, or the tiny preset."""
     if model_args.model_name_or_path:
         model = VqaFusionForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
-        processor = VqaFusionProcessor.from_pretrained(model_args.model_name_or_path)
+        # This script's own classes load the folder: its copy of the code is never needed, and without
+        # `trust_remote_code=False` the tokenizers' config lookup would ask on the terminal whether to run it.
+        processor = VqaFusionProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=False)
     else:
         parts = dict(
             question_encoder=model_args.question_encoder,
