@@ -1,7 +1,7 @@
 """LoRA adapters (`peft`) on the pretrained parts of a vqa-fusion model, and merging them back.
 
     add_lora(model, r=8)                  # adapters on the decoder's linear layers; its other weights frozen
-    describe_trainable(model)             # "1,179,648 of 250,123,264 (0.47 %)", for logs and model cards
+    describe_trainable(model)             # "30,729,216 of 307,330,560 (10.00 %)", for logs and model cards
     merge_lora(model)                     # W += (alpha / r) B A everywhere: a plain model again, saved without peft
 
 The adapters are injected in place (`peft.inject_adapter_in_model`), so the model stays a
@@ -115,7 +115,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def describe_trainable(model: nn.Module) -> str:
-    """`"1,179,648 of 250,123,264 (0.47 %)"`: the trainable parameters, for the training log and the model card."""
+    """`"30,729,216 of 307,330,560 (10.00 %)"`: the trainable parameters, for the training log and the model card."""
     trainable, total = count_parameters(model)
     return f"{trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f} %)"
 
@@ -163,7 +163,9 @@ def check_checkpoint_adapters(model: nn.Module, checkpoint: str | Path | None) -
     expected = {key for key in model.state_dict() if ".lora_" in key}
     if saved != expected:
         raise ValueError(
-            f"{checkpoint} holds {len(saved)} LoRA tensors ({sorted(saved - expected)[:2]} not in the model) and the "
-            f"model has {len(expected)} ({sorted(expected - saved)[:2]} not in the checkpoint): resume with the "
-            "--lora_* flags of the run that wrote it"
+            f"{checkpoint} holds {len(saved)} LoRA tensors and the model {len(expected)}, not under the same names "
+            f"(only in the checkpoint: {sorted(saved - expected)[:2]}, only in the model: {sorted(expected - saved)[:2]}"
+            "), so the Trainer would resume without them. Resume with the --lora_* flags of the run that wrote it. "
+            "(transformers saves some models, such as ViT, under their original weight names, which a resume does "
+            "not map back: adapters on those do not resume.)"
         )
