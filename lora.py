@@ -16,6 +16,7 @@ from pathlib import Path
 
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import NoMatchingPeftModuleError
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
@@ -90,7 +91,7 @@ def add_lora(
         )
         try:
             inject_adapter_in_model(config, part)
-        except ValueError as error:
+        except NoMatchingPeftModuleError as error:
             raise ValueError(f"LoRA target_modules {target_modules!r} match no layer of the {name}: {error}") from error
         # peft froze everything in the part but the adapters; the cross-attention is new, so it trains in full.
         for key, parameter in part.named_parameters():

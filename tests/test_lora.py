@@ -42,7 +42,8 @@ def adapter_weights(layers: set[str]) -> set[str]:
 
 
 def new_parts(model: nn.Module) -> set[str]:
-    """The fusion and the decoder's cross-attention: what vqa-fusion adds to the pretrained parts."""
+    """The fusion and the decoder's cross-attention: what vqa-fusion adds to the pretrained parts (names in a model
+    without adapters)."""
     return {
         name
         for name, _ in model.named_parameters()
@@ -73,9 +74,10 @@ def test_adapters_go_on_every_pretrained_decoder_layer_but_not_the_cross_attenti
 def test_only_adapters_and_new_parts_train_in_adapted_parts(make_model, freeze, parts, adapted, trained_in_full):
     model = make_model()
     model.freeze(freeze)
+    new = new_parts(model)
     add_lora(model, r=R, parts=parts)
     in_full = {name for name, _ in model.named_parameters() if trained_in_full and name.startswith(trained_in_full)}
-    assert trainable(model) == adapter_weights(adapted) | new_parts(model) | in_full
+    assert trainable(model) == adapter_weights(adapted) | new | in_full
 
 
 def test_trainable_count_is_the_adapters_plus_the_new_parts(make_model):
@@ -103,14 +105,12 @@ def trained_lora(make_model, processor):
     return model.eval(), before
 
 
-def test_optimizer_steps_change_the_adapters_and_leave_frozen_weights_bit_identical(trained_lora):
+def test_optimizer_steps_change_the_adapters_and_leave_frozen_weights_bit_identical(trained_lora, make_model):
     model, before = trained_lora
     after = model.state_dict()
-    frozen = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
-    assert frozen and all(torch.equal(after[name], before[name]) for name in frozen)
-    changed = {name for name in trainable(model) if not torch.equal(after[name], before[name])}
-    assert changed == trainable(model)
-    assert all(".lora_" in name or name in new_parts(model) for name in changed)
+    changed = {name for name in after if not torch.equal(after[name], before[name])}
+    # Everything else (the encoders, the decoder's pretrained weights under the adapters) is bit-identical.
+    assert changed == adapter_weights(DECODER_LAYERS) | new_parts(make_model())
 
 
 def test_merging_gives_the_adapted_model_logits_and_a_plain_model(trained_lora, make_model, processor):
@@ -190,7 +190,7 @@ def test_a_checkpoint_with_other_adapters_is_refused(make_model, tmp_path):
     [
         (dict(r=0), "rank must be positive"),
         (dict(r=R, parts="decoder,fusion"), "fusion"),
-        (dict(r=R, target_modules="q_proj,v_proj"), "q_proj"),
+        (dict(r=R, target_modules="q_proj,v_proj"), "'q_proj,v_proj' match no layer of the decoder"),
         (dict(r=R, target_modules="c_attn,lm_head"), "output layer"),
     ],
 )
