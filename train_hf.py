@@ -364,7 +364,7 @@ fused ({config.fusion} fusion) into the cross-attention memory of a decoder that
 |---|---|
 {components}
 | parameters | {model.num_parameters():,} |
-| trainable parameters | {trainable} |
+| trainable parameters (in training, adapters included) | {trainable} |
 
 Training data: `{data}`.
 
