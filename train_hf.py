@@ -31,6 +31,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArgume
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lora import ALL_LINEAR, LORA_PARTS, add_lora, check_checkpoint_adapters, describe_trainable, merge_lora
 from modeling_vqa_fusion import FREEZE_SPECS, VqaFusionForConditionalGeneration
 from processing_vqa_fusion import VqaFusionProcessor
 from shapes_data import make_shapes_vqa
@@ -87,6 +88,16 @@ class ModelArguments:
     )
     freeze: str = field(default="none", metadata={"help": f"Comma list of {', '.join(FREEZE_SPECS)}."})
     max_answer_length: int = field(default=16, metadata={"help": "Answer tokens kept in the labels, EOS included."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank for the pretrained parts in --lora_parts; 0: no LoRA."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha: the adapters' updates scale by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: str = field(
+        default=ALL_LINEAR,
+        metadata={"help": "'all-linear' (every linear layer but the output layer) or a comma list of layer names."},
+    )
+    lora_parts: str = field(
+        default="decoder", metadata={"help": f"Parts with LoRA adapters: a comma list of {', '.join(LORA_PARTS)}."}
+    )
 
 
 def _column(target: str) -> dict:
@@ -361,6 +372,15 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
         processor = VqaFusionProcessor.from_pretrained_components(**parts)
     processor.max_answer_length = model_args.max_answer_length
     model.freeze(model_args.freeze)
+    if model_args.lora_r:
+        add_lora(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            parts=model_args.lora_parts,
+        )
     apply_generation_settings(model, training_args)
     return model, processor
 
@@ -481,7 +501,7 @@ def describe_training_data(data_args: DataArguments) -> str:
     return f"`{public_name(data_args.train_questions)}`"
 
 
-def render_model_card(model_args, data_args, training_args, model, metrics: dict[str, float]) -> str:
+def render_model_card(model_args, data_args, training_args, model, metrics: dict[str, float], trainable: str) -> str:
     """A model card recording components, fusion, the data and hyper-parameters of this training run, and the
     accuracy measured after it."""
     config = model.config
@@ -500,10 +520,13 @@ def render_model_card(model_args, data_args, training_args, model, metrics: dict
         "label_smoothing_factor": training_args.label_smoothing_factor,
         "answer_strategy": data_args.answer_strategy,
         "freeze": model_args.freeze,
+        "lora_r": model_args.lora_r,
         "bf16": training_args.bf16,
         "fp16": training_args.fp16,
         "seed": training_args.seed,
     }
+    if model_args.lora_r:
+        hyper |= {name: value for name, value in vars(model_args).items() if name.startswith("lora_")}
 
     def origin(sub) -> str:
         if model_args.preset == "tiny" and not model_args.model_name_or_path:
@@ -537,6 +560,7 @@ fused ({config.fusion} fusion) into the cross-attention memory of a decoder that
 |---|---|
 {components}
 | parameters | {model.num_parameters():,} |
+| trainable parameters (in training, adapters included) | {trainable} |
 
 {start}Training data: {describe_training_data(data_args)}.
 
@@ -576,11 +600,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train_dataset, eval_dataset = load_datasets(data_args, training_args)
     model, processor = build_model_and_processor(model_args, train_dataset, training_args)
+    trainable = describe_trainable(model)
     logger.info(
-        "model: %s fusion, %s parameters (%s trainable)",
-        model.config.fusion,
-        f"{model.num_parameters():,}",
-        f"{model.num_parameters(only_trainable=True):,}",
+        "model: %s fusion, %s parameters, trainable: %s", model.config.fusion, f"{model.num_parameters():,}", trainable
     )
     labelled = eval_dataset is not None and is_labelled(eval_dataset)
 
@@ -600,7 +622,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if training_args.do_train:
         resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+        check_checkpoint_adapters(model, resume)
         train_result = trainer.train(resume_from_checkpoint=resume)
+        # LoRA adapters merged into their weights: what is saved, evaluated and loaded later is one plain model.
+        merge_lora(model)
         # Saved before any evaluation: a failure there loses nothing of the training run.
         trainer.save_model()
         trainer.save_metrics("train", train_result.metrics)
@@ -617,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             logger.info("wrote %d predictions to %s", len(answers), Path(training_args.output_dir) / "predictions.json")
             show_examples(eval_dataset, answers, data_args.show_examples)
     if training_args.do_train:
-        trainer.model_card = render_model_card(model_args, data_args, training_args, model, metrics)
+        trainer.model_card = render_model_card(model_args, data_args, training_args, model, metrics, trainable)
         trainer.create_model_card()
         if training_args.push_to_hub:
             trainer.push_to_hub(commit_message="vqa-fusion fine-tuning")
