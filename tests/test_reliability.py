@@ -102,7 +102,7 @@ def test_processor_on_any_unicode_text(processor, question, answer):
 
 
 def test_truncated_jpeg_and_fake_jpeg_name_the_file_and_question(tmp_path, processor):
-    from vqa_data import VqaCollator
+    from vqa_collator import VqaCollator
 
     good = tmp_path / "good.jpg"
     solid((200, 10, 10), (64, 64)).save(good, quality=95)

@@ -165,7 +165,7 @@ def test_accuracy_reports_every_answer_type_it_finds() -> None:
 def test_accuracy_refuses_answer_types_that_share_a_metric_name() -> None:
     with pytest.raises(ValueError, match="'yes/no' and 'yes no'"):
         vqa_accuracy(["yes", "no"], [["yes"] * 10, ["no"] * 10], ["yes/no", "yes no"])
-    with pytest.raises(ValueError, match="'\?\?'"):
+    with pytest.raises(ValueError, match=r"'\?\?'"):
         vqa_accuracy(["yes"], [["yes"] * 10], ["??"])
 
 
