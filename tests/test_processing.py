@@ -1,11 +1,13 @@
 """The processor: any image mode to the same pixels a viewer sees, questions, answer labels and decoding."""
 
 import io
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoConfig, AutoTokenizer
 
 from conftest import solid
 from processing_vqa_fusion import VqaFusionProcessor, to_rgb
@@ -28,12 +30,15 @@ def pixels(processor, image):
         (lambda: Image.new("F", (8, 6), 0.5), (128, 128, 128)),
         (lambda: Image.new("F", (8, 6), 200.0), (200, 200, 200)),
         (lambda: Image.new("RGB", (1, 1), (1, 2, 3)), (1, 2, 3)),
+        (lambda: Image.new("RGB", (40, 3), (200, 100, 50)), (200, 100, 50)),
     ],
-    ids=["L", "LA", "RGBA", "RGBA-transparent", "CMYK", "I;16", "I", "F-unit", "F-255", "1x1"],
+    ids=["L", "LA", "RGBA", "RGBA-transparent", "CMYK", "I;16", "I", "F-unit", "F-255", "1x1", "3-rows"],
 )
 def test_every_image_mode_becomes_the_rgb_a_viewer_sees(processor, make_image, same_as):
+    """Compared with a plain RGB image of the colour a viewer sees, of another size (a 1x1 or 3-row image must
+    not be taken for channels-first)."""
     image = make_image()
-    expected = Image.new("RGB", image.size, same_as)
+    expected = Image.new("RGB", (37, 23), same_as)
     torch.testing.assert_close(pixels(processor, image), pixels(processor, expected))
 
 
@@ -85,18 +90,36 @@ def test_long_answers_are_truncated_but_keep_eos(tiny_parts):
     assert labels[0, -1].item() == processor.tokenizer.eos_token_id
 
 
-def test_long_questions_are_truncated_to_the_question_encoder_limit(processor, tiny_parts):
-    from transformers import AutoConfig
-
+def test_long_questions_are_truncated_to_the_question_encoder_limit(tiny_parts, tmp_path):
+    """A tokenizer that allows more tokens than the encoder has positions (distilbert-base-uncased's both say
+    512, but many do not agree) is clamped to the encoder's `max_position_embeddings`."""
     limit = AutoConfig.from_pretrained(tiny_parts["question_encoder"]).max_position_embeddings
-    batch = processor(images=[solid((1, 1, 1))], text=["how many red circles " * 2000])
+    folder = tmp_path / "question_encoder"
+    shutil.copytree(tiny_parts["question_encoder"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.model_max_length = 4 * limit
+    tokenizer.save_pretrained(folder)
+    long_question = "how many red circles " * 2000
+    assert len(AutoTokenizer.from_pretrained(folder)(long_question, truncation=True)["input_ids"]) == 4 * limit
+
+    processor = VqaFusionProcessor.from_pretrained_components(**{**tiny_parts, "question_encoder": str(folder)})
+    batch = processor(images=[solid((1, 1, 1))], text=[long_question])
     assert batch["input_ids"].shape[1] == limit
     assert batch["input_ids"][0, -1].item() == processor.question_tokenizer.sep_token_id
 
 
-def test_non_ascii_questions_are_encoded(processor):
-    batch = processor(images=[solid((1, 1, 1))] * 2, text=["Qué color tiene el cuadrado? 🟥", "这是什么颜色？"])
-    assert batch["attention_mask"].sum(1).min() >= 3
+def test_non_ascii_questions_are_encoded_to_known_tokens(processor):
+    """Accented Latin, CJK and full-width punctuation the tokenizer was trained on (conftest's questions) become
+    their own tokens, never [UNK], and decode back to the (lower-cased, accent-stripped) question; a character
+    it never saw is [UNK] alone."""
+    tokenizer = processor.question_tokenizer
+    questions = ["¿Qué forma tiene el triángulo?", "这是什么颜色？", "Is there a circle? 🟥"]
+    batch = processor(images=[solid((1, 1, 1))] * 3, text=questions)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert [tokenizer.unk_token_id in row for row in rows] == [False, False, True]
+    assert rows[2].count(tokenizer.unk_token_id) == 1
+    decoded = [tokenizer.decode(row, skip_special_tokens=True).replace(" ", "") for row in rows[:2]]
+    assert decoded == ["¿queformatieneeltriangulo?", "这是什么颜色？"]
 
 
 @pytest.mark.parametrize(
