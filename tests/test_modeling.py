@@ -167,11 +167,6 @@ def test_sequence_fusion_layers_ignore_question_padding(make_model, processor):
     assert memory_padded.attention_mask[0].tolist() == kept.long().tolist()
 
 
-def test_fusion_layers_need_sequence_fusion(make_model):
-    with pytest.raises(ValueError, match="fusion_layers=1 needs fusion='sequence'"):
-        make_model("mean", fusion_layers=1)
-
-
 def set_cross_attention(decoder, seed: int = 0) -> None:
     """Give a GPT-2's new cross-attention weight matrices known values (std 0.2, large enough for the memory to
     move the loss), the same for every GPT-2 of the same shape."""
@@ -431,15 +426,3 @@ def test_generation_length_follows_max_length(make_model, processor):
     default = model.generate(**inputs, min_length=model.generation_config.max_length)
     assert default.shape[1] == model.generation_config.max_length
     assert model.generate(**inputs, max_length=4, min_length=4).shape[1] == 4
-
-
-def test_projection_dim_must_match_the_decoder_width(tiny_parts):
-    from transformers import AutoConfig
-
-    from configuration_vqa_fusion import VqaFusionConfig
-
-    parts = {name: AutoConfig.from_pretrained(path).to_dict() for name, path in tiny_parts.items()}
-    width = parts["decoder"]["n_embd"]
-    assert VqaFusionConfig(**parts).projection_dim == width
-    with pytest.raises(ValueError, match=f"projection_dim={2 * width}.*hidden size is {width}"):
-        VqaFusionConfig(**parts, projection_dim=2 * width)
