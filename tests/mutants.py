@@ -145,8 +145,8 @@ MUTANTS = [
     Mutant(
         "images-not-resized",
         "processing_vqa_fusion.py",
-        'return_tensors=return_tensors, input_data_format="channels_last"',
-        'return_tensors=return_tensors, input_data_format="channels_last", do_resize=False',
+        "self.image_processor(rgb_images, return_tensors=return_tensors)",
+        "self.image_processor(rgb_images, return_tensors=return_tensors, do_resize=False)",
         ("tests/test_processing.py::test_every_image_mode_becomes_the_rgb_a_viewer_sees[1x1]",),
     ),
     Mutant(
