@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -374,6 +375,22 @@ def test_load_vqa_dataset_reports_and_skips_missing_path_images(parquet_source, 
     assert load_vqa_dataset(path, skip_missing_images=True, **kwargs)["question_id"] == [11]
 
 
+def test_streaming_source_reports_a_missing_image_no_later_than_the_batch_that_needs_it(parquet_source, tmp_path, caplog):
+    path, images = parquet_source
+    missing = images / "b.jpg"
+    missing.unlink()
+    kwargs = dict(split="train", column_mapping=MAPPING, images_dir=images, streaming=True)
+    loader = DataLoader(load_vqa_dataset(path, **kwargs), batch_size=1, collate_fn=VqaCollator(RecordingProcessor()))
+    batches = iter(loader)
+    assert next(batches) == {"call": 1}, "question 11's image is there"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(missing))} \(question_id=12\).*skip_missing_images"):
+        next(batches)
+    with caplog.at_level(logging.WARNING, logger="vqa_data"):
+        kept = [row["question_id"] for row in load_vqa_dataset(path, skip_missing_images=True, **kwargs)]
+    assert kept == [11]
+    assert f"{missing} (question_id=12)" in caplog.text
+
+
 def test_embedded_image_bytes_stay_undecoded_and_collate(tmp_path):
     """An `Image` feature (like lmms-lab/VQAv2's parquet) is cast to decode=False and the bytes
     travel to the collator, which decodes them."""
@@ -516,20 +533,46 @@ def test_shapes_constraints(shapes):
     assert len(by_type["other"]) == 10
 
 
+# Each question form and how many answers it allows (the counts are 0..5): chance is one over that.
+QUESTION_FORMS = {
+    r"Is there an? \w+ \w+\?": 2,
+    r"How many \w+ are there\?": 6,
+    r"How many \w+ objects are there\?": 6,
+    r"What color is the \w+\?": len(REFERENCE_COLORS),
+    r"What shape is the \w+ object\?": len(SINGULAR),
+    r"What shape is in the \w+ \w+ corner\?": len(SINGULAR),
+    r"What color is the object in the \w+ \w+ corner\?": len(REFERENCE_COLORS),
+}
+
+
+def question_form(question: str) -> str:
+    (form,) = [form for form in QUESTION_FORMS if re.fullmatch(form, question)]
+    return form
+
+
 def test_shapes_answers_are_not_predictable_from_question_text(shapes):
-    """A question-only model (majority answer per question text, fitted on train) is at chance
-    level on val: the image is needed."""
-    majority = defaultdict(Counter)
+    """The best question-only predictor, the most common training answer of each question text, is at chance
+    on val, form by form and overall: within three binomial standard deviations of one over the number of
+    answers the form allows. Chance is per form: an "other" question asks for a colour (1 in 6) or a shape
+    (1 in 4), so about 20 %, not the 10 % of its ten answers."""
+    answers = defaultdict(Counter)
     for example in load_split(shapes, "train"):
-        majority[example["question"]][example["multiple_choice_answer"]] += 1
-    hits = defaultdict(list)
+        answers[example["question"]][example["multiple_choice_answer"]] += 1
+    hits, chances = defaultdict(list), defaultdict(list)
     for example in load_split(shapes, "eval"):
-        guess = majority[example["question"]].most_common(1)[0][0] if example["question"] in majority else None
-        hits[example["answer_type"]].append(guess == example["multiple_choice_answer"])
-    accuracy = {answer_type: np.mean(h) for answer_type, h in hits.items()}
-    assert accuracy["yes/no"] <= 0.60
-    assert accuracy["number"] <= 0.30
-    assert accuracy["other"] <= 0.30
+        form = question_form(example["question"])
+        guess = answers[example["question"]].most_common(1)[0][0] if example["question"] in answers else None
+        hits[form].append(guess == example["multiple_choice_answer"])
+        chances[form].append(1 / QUESTION_FORMS[form])
+    assert set(hits) == set(QUESTION_FORMS)
+
+    def at_chance(hits: list[bool], chances: list[float]) -> bool:
+        spread = sum(chance * (1 - chance) for chance in chances) ** 0.5
+        return sum(hits) <= sum(chances) + 3 * spread
+
+    for form in QUESTION_FORMS:
+        assert at_chance(hits[form], chances[form]), (form, np.mean(hits[form]), chances[form][0])
+    assert at_chance(sum(hits.values(), []), sum(chances.values(), []))
 
 
 def test_shapes_no_answers_include_near_misses(shapes):
