@@ -10,13 +10,17 @@ DEFAULT_MAX_ANSWER_LENGTH = 16
 # Background that transparent pixels are composited onto: what a viewer shows, unlike `convert("RGB")`,
 # which exposes whatever colour the transparent pixels happen to store.
 TRANSPARENT_BACKGROUND = (255, 255, 255)
+# Modes with an alpha channel (premultiplied "La" is first converted to "LA", the only mode Pillow converts it to).
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+# Modes whose transparency can be a colour key, `info["transparency"]` (a PNG tRNS chunk; a palette index for "P").
+COLOUR_KEY_MODES = ("P", "1", "L", "RGB")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """
-    An RGB copy of any PIL image, upright: EXIF orientation applied, transparency composited on white, and
-    high bit-depth modes scaled to 8 bits instead of clipped (`I;16`, `I` as 16-bit, `F` as `[0, 1]` when
-    its maximum is at most 1, else as `[0, 255]`).
+    An RGB copy of any PIL image, upright: EXIF orientation applied, transparency (an alpha channel or a
+    colour key) composited on white, and high bit-depth modes scaled to 8 bits instead of clipped (`I;16`, `I`
+    as 16-bit, `F` as `[0, 1]` when its maximum is at most 1, else as `[0, 255]`).
     """
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
@@ -26,9 +30,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         else:
             values = values / 257.0
         image = Image.fromarray(np.nan_to_num(values).clip(0, 255).round().astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode == "La":
+        image = image.convert("LA")
+    elif image.mode in COLOUR_KEY_MODES and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if image.mode in ALPHA_MODES:
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
         background.paste(rgba, mask=rgba.getchannel("A"))
@@ -123,13 +129,14 @@ class VqaFusionProcessor(ProcessorMixin):
         for index, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise ValueError(f"images[{index}] is {type(image).__name__}, expected a PIL image")
+            if 0 in image.size:
+                raise ValueError(f"images[{index}] is empty: {image.width}x{image.height} pixels")
 
         encoding = self.question_tokenizer(
             questions, padding=True, truncation=True, return_tensors=return_tensors, return_token_type_ids=False
         )
-        pixel_values = self.image_processor(
-            [to_rgb(image) for image in images], return_tensors=return_tensors, input_data_format="channels_last"
-        )["pixel_values"]
+        rgb_images = [to_rgb(image) for image in images]
+        pixel_values = self.image_processor(rgb_images, return_tensors=return_tensors)["pixel_values"]
         data = {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"], "pixel_values": pixel_values}
         if answers:
             data["labels"] = self.encode_answers(answers)

@@ -372,15 +372,18 @@ def load_vqa_dataset(
     ...), a local data file (`.parquet`, `.json`, `.jsonl`, `.arrow`, `.csv`), a folder of data
     files, or a `save_to_disk` folder. `column_mapping` maps contract names to source columns
     (see `to_vqa_rows`); relative image paths are resolved against `images_dir`. `streaming=True`
-    returns an `IterableDataset` (nothing is downloaded or converted up front). For non-streaming
-    sources with path images, missing image files are detected here, as in `load_vqa_files`.
+    returns an `IterableDataset` (nothing is downloaded or converted up front). Missing image files
+    are reported (or, with `skip_missing_images`, dropped) as in `load_vqa_files`: for non-streaming
+    sources here, all at once; for streaming sources as the rows stream by, so no later than the
+    first batch that needs the image.
     Extra keyword arguments go to `datasets.load_dataset` (e.g. `cache_dir`, `revision`).
     """
     raw = _load_raw(name_or_path, split, streaming, data_files, load_kwargs)
     rows = to_vqa_rows(raw, column_mapping, images_dir=images_dir)
     if isinstance(rows, datasets.Dataset):
-        rows = drop_missing_images(rows, source=str(name_or_path), skip=skip_missing_images)
-    return rows
+        return drop_missing_images(rows, source=str(name_or_path), skip=skip_missing_images)
+    check = functools.partial(_image_is_there, source=str(name_or_path), skip=skip_missing_images)
+    return rows.filter(check, input_columns=["question_id", "image"])
 
 
 def _load_raw(
@@ -572,6 +575,18 @@ def _missing_image_rows(dataset: datasets.Dataset, batch_size: int = 10_000) -> 
             if not exists[path]:
                 missing.append((start + offset, question_id, path))
     return missing
+
+
+def _image_is_there(question_id: int, image: dict[str, Any], *, source: str, skip: bool) -> bool:
+    """Whether a streamed row's image is embedded or its file exists; a missing one is an error naming the path
+    and question id, or, with `skip`, a warning and the row is dropped."""
+    if image["bytes"] is not None or os.path.isfile(image["path"]):
+        return True
+    message = f"missing image file {image['path']} (question_id={question_id}) in {source}"
+    if not skip:
+        raise VqaDataError(f"{message}. Pass skip_missing_images=True to drop the questions whose image is missing.")
+    logger.warning("Dropping a question: %s", message)
+    return False
 
 
 def drop_missing_images(dataset: datasets.Dataset, *, source: str = "dataset", skip: bool = False) -> datasets.Dataset:

@@ -16,7 +16,14 @@ from modeling_vqa_fusion import VqaFusionForConditionalGeneration  # noqa: E402
 from processing_vqa_fusion import VqaFusionProcessor  # noqa: E402
 from tiny_components import TinySizes, build_tiny_components  # noqa: E402
 
-QUESTIONS = ["What color is the square?", "Is there a red circle?", "How many triangles are there?"]
+# Non-ASCII questions too, so that the question tokenizer knows their characters.
+QUESTIONS = [
+    "What color is the square?",
+    "Is there a red circle?",
+    "How many triangles are there?",
+    "¿Qué forma tiene el triángulo?",
+    "这是什么颜色？",
+]
 ANSWERS = ["red", "green", "blue", "yellow", "yes", "no", "0", "1", "2", "3", "a very long answer indeed"]
 TEST_SIZES = TinySizes(hidden=32, heads=2, question_layers=1, vision_layers=1, decoder_layers=2, image_size=32)
 

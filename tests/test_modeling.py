@@ -4,17 +4,19 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from conftest import solid
 from modeling_vqa_fusion import VqaFusionForConditionalGeneration
 
+# Questions of 4 to 9 tokens and answers of 1 to 5 tokens + EOS: every batch of them is padded on both sides
+# of the model (question padding in the memory the decoder cross-attends to, -100 after the shorter answers).
 EXAMPLES = [
     ((255, 0, 0), "What color is the square?", "red"),
-    ((0, 255, 0), "What color is the square?", "green"),
+    ((0, 255, 0), "What color is the square there?", "green"),
     ((0, 0, 255), "Is there a red circle?", "no"),
-    ((255, 0, 0), "Is there a red circle?", "yes"),
-    ((0, 0, 255), "How many triangles are there?", "3"),
+    ((255, 0, 0), "Is there a circle?", "yes"),
+    ((0, 0, 255), "How many?", "3"),
     ((255, 255, 0), "What color is the square?", "a very long answer indeed"),
 ]
 
@@ -91,15 +93,44 @@ def test_generation_runs_the_encoder_once(trained, processor):
     assert len(calls) == 1
 
 
+def assert_padded_on_both_sides(batch) -> None:
+    assert not batch["attention_mask"].all(), "some question must be padded"
+    assert (batch["labels"] == -100).any(), "some answer must be padded"
+
+
 @pytest.mark.parametrize("fusion", ["sequence", "sequence+layer", "mean"])
 def test_batched_generation_matches_one_by_one(trained, processor, fusion):
+    """The same tokens and the same logits at every step, whether a question is generated for in a padded
+    batch or alone."""
     model, _ = trained[fusion]
-    batched = processor.batch_decode(model.generate(**make_batch(processor, with_answers=False), max_new_tokens=8))
-    single = [
-        processor.batch_decode(model.generate(**make_batch(processor, [example], with_answers=False), max_new_tokens=8))[0]
-        for example in EXAMPLES
-    ]
-    assert batched == single
+    assert_padded_on_both_sides(make_batch(processor))
+
+    def generate(examples):
+        inputs = make_batch(processor, examples, with_answers=False)
+        output = model.generate(**inputs, max_new_tokens=8, output_logits=True, return_dict_in_generate=True)
+        return output.sequences, torch.stack(output.logits, dim=1)
+
+    sequences, logits = generate(EXAMPLES)
+    for row, example in enumerate(EXAMPLES):
+        single_sequence, single_logits = generate([example])
+        length = single_sequence.shape[1]
+        assert torch.equal(sequences[row, :length], single_sequence[0]), example
+        torch.testing.assert_close(logits[row, : length - 1], single_logits[0], atol=1e-4, rtol=1e-4)
+    assert processor.batch_decode(sequences) == [answer for _, _, answer in EXAMPLES]
+
+
+@pytest.mark.parametrize("fusion, fusion_layers", [("sequence", 0), ("sequence", 1), ("mean", 0)])
+def test_padded_rows_score_their_answers_as_they_do_alone(make_model, processor, fusion, fusion_layers):
+    """Question padding (in the memory the decoder cross-attends to) and answer padding (-100 after EOS) change
+    nothing: every row's logits over its own answer tokens are those of the row alone."""
+    model = make_model(fusion, fusion_layers=fusion_layers).eval()
+    batch = make_batch(processor)
+    assert_padded_on_both_sides(batch)
+    with torch.no_grad():
+        batched = model(**batch).logits
+        for row, example in enumerate(EXAMPLES):
+            alone = model(**make_batch(processor, [example])).logits
+            torch.testing.assert_close(batched[row, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_mean_fusion_ignores_question_padding(make_model, processor):
@@ -136,41 +167,82 @@ def test_sequence_fusion_layers_ignore_question_padding(make_model, processor):
     assert memory_padded.attention_mask[0].tolist() == kept.long().tolist()
 
 
-def test_fusion_layers_need_sequence_fusion(make_model):
-    with pytest.raises(ValueError, match="fusion_layers=1 needs fusion='sequence'"):
-        make_model("mean", fusion_layers=1)
-
-
-def test_mean_fusion_reproduces_the_books_loss(make_model, processor):
-    """The book: mean of each encoder's states, one Linear each, (text + image) / 2 as one cross-attention
-    token, GPT-2 on BOS + answer + EOS with labels = the same ids (GPT-2 shifts them itself)."""
-    model = make_model("mean").eval()
-    examples = [((255, 0, 0), "What color is the square?", "red"), ((0, 0, 255), "What color is the square?", "blue")]
-    batch = make_batch(processor, examples)
-    assert batch["attention_mask"].all(), "the book's mean includes padding: compare on unpadded questions"
-    encoder, fusion = model.encoder, model.encoder.fusion
+def set_cross_attention(decoder, seed: int = 0) -> None:
+    """Give a GPT-2's new cross-attention weight matrices known values (std 0.2, large enough for the memory to
+    move the loss), the same for every GPT-2 of the same shape."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        text = encoder.question_encoder(input_ids=batch["input_ids"]).last_hidden_state.mean(dim=1)
-        image = encoder.vision_encoder(pixel_values=batch["pixel_values"]).last_hidden_state.mean(dim=1)
-        fused = ((fusion.question_projection(text) + fusion.image_projection(image)) / 2).unsqueeze(1)
-        tokenizer = processor.tokenizer
-        rows = [[tokenizer.bos_token_id] + tokenizer(" " + a)["input_ids"] + [tokenizer.eos_token_id] for *_, a in examples]
-        assert len({len(row) for row in rows}) == 1
-        sequence = torch.tensor(rows)
-        book_loss = model.decoder(input_ids=sequence, encoder_hidden_states=fused, labels=sequence).loss
-        our_loss = model(**batch).loss
+        for name, parameter in sorted(decoder.named_parameters()):
+            if "crossattention" in name and parameter.dim() == 2:
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+
+
+def test_mean_fusion_reproduces_the_books_loss(make_model, processor, tiny_parts):
+    """The book's computation, rebuilt from the three parts' folders with none of the model's code: each
+    encoder's last states averaged (padding included, so the questions here are unpadded), one Linear each,
+    (text + image) / 2 as one cross-attention token, GPT-2 with cross-attention on BOS + answer + EOS padded
+    with EOS, labels = the same ids with -100 on padding (GPT-2 shifts them itself). Only the projection weights
+    are taken from the model; the decoder's fresh cross-attention gets the same known weights in both."""
+    examples = [
+        ((255, 0, 0), "What color is the square?", "red"),
+        ((0, 0, 255), "What color is the circle?", "a very long answer indeed"),
+    ]
+    question_tokenizer = AutoTokenizer.from_pretrained(tiny_parts["question_encoder"])
+    image_processor = AutoImageProcessor.from_pretrained(tiny_parts["vision_encoder"])
+    answer_tokenizer = AutoTokenizer.from_pretrained(tiny_parts["decoder"])
+    question_encoder = AutoModel.from_pretrained(tiny_parts["question_encoder"]).eval()
+    vision_encoder = AutoModel.from_pretrained(tiny_parts["vision_encoder"]).eval()
+    decoder = AutoModelForCausalLM.from_pretrained(tiny_parts["decoder"], add_cross_attention=True).eval()
+    model = make_model("mean").eval()
+    set_cross_attention(decoder)
+    set_cross_attention(model.decoder)
+    weights = model.state_dict()
+
+    def project(name: str, states: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(states, weights[f"encoder.fusion.{name}.weight"], weights[f"encoder.fusion.{name}.bias"])
+
+    questions = question_tokenizer([q for _, q, _ in examples], return_tensors="pt", return_token_type_ids=False)
+    assert questions["attention_mask"].all(), "the book's mean includes padding: compare on unpadded questions"
+    pixel_values = image_processor([solid(color) for color, _, _ in examples], return_tensors="pt")["pixel_values"]
+    rows = [
+        [answer_tokenizer.bos_token_id] + answer_tokenizer(" " + answer)["input_ids"] + [answer_tokenizer.eos_token_id]
+        for *_, answer in examples
+    ]
+    width = max(len(row) for row in rows)
+    sequence = torch.tensor([row + [answer_tokenizer.eos_token_id] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    assert not mask.all(), "answers of different lengths: the labels are padded"
+    with torch.no_grad():
+        text = question_encoder(**questions).last_hidden_state.mean(dim=1)
+        image = vision_encoder(pixel_values=pixel_values).last_hidden_state.mean(dim=1)
+        fused = ((project("question_projection", text) + project("image_projection", image)) / 2).unsqueeze(1)
+        labels = sequence.masked_fill(mask == 0, -100)
+        book_loss = decoder(input_ids=sequence, attention_mask=mask, encoder_hidden_states=fused, labels=labels).loss
+        our_loss = model(**make_batch(processor, examples)).loss
     torch.testing.assert_close(our_loss, book_loss, atol=1e-5, rtol=0)
 
 
 def test_labels_ignore_padding_and_keep_eos(make_model, processor):
-    """Changing what sits under -100 must not change the loss; EOS (== GPT-2's pad id) must count."""
+    """What sits under -100 (the decoder's inputs there, or more -100 columns) must not change the loss; EOS
+    (== GPT-2's pad id) must count."""
     model = make_model("sequence").eval()
-    batch = make_batch(processor, EXAMPLES[:2] + EXAMPLES[-1:])
+    batch = make_batch(processor)
+    labels = batch["labels"]
+    padding = labels == -100
+    assert padding.any(), "the answers must have different lengths"
     eos = processor.tokenizer.eos_token_id
     assert eos == model.config.pad_token_id
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
+    noise = torch.randint(0, model.config.decoder.vocab_size, labels.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loss = model(**batch).loss
-        without_eos = batch["labels"].masked_fill(batch["labels"] == eos, -100)
+        assert torch.equal(model(**batch, decoder_input_ids=decoder_input_ids).loss, loss)
+        other_inputs = torch.where(padding, noise, decoder_input_ids)
+        assert not torch.equal(other_inputs, decoder_input_ids)
+        torch.testing.assert_close(model(**batch, decoder_input_ids=other_inputs).loss, loss, atol=1e-6, rtol=0)
+        wider = torch.cat([labels, torch.full((labels.shape[0], 3), -100)], dim=1)
+        torch.testing.assert_close(model(**{**batch, "labels": wider}).loss, loss, atol=1e-6, rtol=0)
+        without_eos = labels.masked_fill(labels == eos, -100)
         assert not torch.isclose(model(**{**batch, "labels": without_eos}).loss, loss)
 
 
@@ -354,15 +426,3 @@ def test_generation_length_follows_max_length(make_model, processor):
     default = model.generate(**inputs, min_length=model.generation_config.max_length)
     assert default.shape[1] == model.generation_config.max_length
     assert model.generate(**inputs, max_length=4, min_length=4).shape[1] == 4
-
-
-def test_projection_dim_must_match_the_decoder_width(tiny_parts):
-    from transformers import AutoConfig
-
-    from configuration_vqa_fusion import VqaFusionConfig
-
-    parts = {name: AutoConfig.from_pretrained(path).to_dict() for name, path in tiny_parts.items()}
-    width = parts["decoder"]["n_embd"]
-    assert VqaFusionConfig(**parts).projection_dim == width
-    with pytest.raises(ValueError, match=f"projection_dim={2 * width}.*hidden size is {width}"):
-        VqaFusionConfig(**parts, projection_dim=2 * width)

@@ -32,21 +32,40 @@ def hook(event, args):
     elif event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.fork"):
         events.append([event, str(args[:2])])
 sys.addaudithook(hook)
-for name in sys.argv[1:]:
-    __import__(name)
+modules = [__import__(name) for name in sys.argv[1:]]
 print("EVENTS" + json.dumps(events))
+BASES = (transformers.PreTrainedConfig, transformers.PreTrainedModel, transformers.GenerationMixin, transformers.ProcessorMixin)
+classes = {
+    f"{module.__name__}.{name}": [base.__name__ for base in BASES if issubclass(value, base)] + [getattr(value, "_auto_class", None)]
+    for module in modules
+    for name, value in vars(module).items()
+    if isinstance(value, type) and value.__module__ == module.__name__
+}
+print("CLASSES" + json.dumps(classes))
 """
+# What each Hub file must define: `[transformers base classes..., the Auto class it is registered for]`.
+HUB_CLASSES = {
+    "configuration_vqa_fusion.VqaFusionConfig": ["PreTrainedConfig", "AutoConfig"],
+    "modeling_vqa_fusion.VqaFusionForConditionalGeneration": ["PreTrainedModel", "GenerationMixin", "AutoModel"],
+    "processing_vqa_fusion.VqaFusionProcessor": ["ProcessorMixin", "AutoProcessor"],
+}
 
 
 def test_hub_files_do_nothing_at_import_but_define_classes(tmp_path):
-    """No network, no file writes, no subprocesses: they run on users' machines through trust_remote_code."""
+    """No network, no file writes, no subprocesses: they run on users' machines through trust_remote_code. Yet
+    importing them defines the config, model and processor classes, registered for their Auto classes."""
     completed = subprocess.run(
         [sys.executable, "-c", AUDIT, *HUB_FILES],
         cwd=ROOT, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, completed.stderr[-2000:]
-    line = next(line for line in completed.stdout.splitlines() if line.startswith("EVENTS"))
-    assert json.loads(line[len("EVENTS"):]) == []
+
+    def printed(tag: str):
+        return json.loads(next(line[len(tag):] for line in completed.stdout.splitlines() if line.startswith(tag)))
+
+    assert printed("EVENTS") == []
+    classes = printed("CLASSES")
+    assert {name: classes.get(name) for name in HUB_CLASSES} == HUB_CLASSES
 
 
 def test_hub_files_import_only_transformers_torch_pil_numpy_and_each_other():

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import datasets
 import pytest
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from conftest import RecordingProcessor, save_image, write_json
 
@@ -376,6 +378,22 @@ def test_load_vqa_dataset_reports_and_skips_missing_path_images(parquet_source, 
     with pytest.raises(ValueError, match=r"1 missing image files.*b\.jpg \(question_id=12\)"):
         load_vqa_dataset(path, **kwargs)
     assert load_vqa_dataset(path, skip_missing_images=True, **kwargs)["question_id"] == [11]
+
+
+def test_streaming_source_reports_a_missing_image_no_later_than_the_batch_that_needs_it(parquet_source, tmp_path, caplog):
+    path, images = parquet_source
+    missing = images / "b.jpg"
+    missing.unlink()
+    kwargs = dict(split="train", column_mapping=MAPPING, images_dir=images, streaming=True)
+    loader = DataLoader(load_vqa_dataset(path, **kwargs), batch_size=1, collate_fn=VqaCollator(RecordingProcessor()))
+    batches = iter(loader)
+    assert next(batches) == {"call": 1}, "question 11's image is there"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(missing))} \(question_id=12\).*skip_missing_images"):
+        next(batches)
+    with caplog.at_level(logging.WARNING, logger="vqa_data"):
+        kept = [row["question_id"] for row in load_vqa_dataset(path, skip_missing_images=True, **kwargs)]
+    assert kept == [11]
+    assert f"{missing} (question_id=12)" in caplog.text
 
 
 def test_embedded_image_bytes_stay_undecoded_and_collate(tmp_path):

@@ -6,6 +6,7 @@ Every expected value below was worked out by hand from the official vqaEval.py r
 import sys
 from pathlib import Path
 
+import datasets
 import evaluate
 import pytest
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ METRIC_PATH = Path(__file__).resolve().parents[1] / "vqa_metric.py"
 if str(METRIC_PATH.parent) not in sys.path:
     sys.path.insert(0, str(METRIC_PATH.parent))
 
-from vqa_metric import normalize_answer, vqa_accuracy, vqa_score  # noqa: E402
+from vqa_metric import VqaAccuracy, normalize_answer, vqa_accuracy, vqa_score  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,11 @@ from vqa_metric import normalize_answer, vqa_accuracy, vqa_score  # noqa: E402
         # Otherwise a mark becomes a space, unless one of its occurrences touches a space.
         ("t-shirt", "t shirt"),
         ("t-shirt - blue", "tshirt blue"),
+        # One side touching a space is enough; newlines and tabs count as spaces there.
+        ("t-shirt -blue", "tshirt blue"),
+        ("t-shirt- blue", "tshirt blue"),
+        ("t-shirt\n-blue", "tshirt blue"),
+        ("t-shirt\t-blue", "tshirt blue"),
         ("red, white", "red white"),
         ("yes!", "yes"),
         ("(yes)", "yes"),
@@ -105,9 +111,9 @@ def test_score_with_fewer_than_ten_answers() -> None:
 
 
 def test_score_rejects_empty_or_bare_string_answers() -> None:
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^answers is empty: VQA accuracy needs at least one human answer$"):
         vqa_score("yes", [])
-    with pytest.raises(TypeError, match="sequence"):
+    with pytest.raises(TypeError, match="^answers must be a sequence of answer strings, not a single string$"):
         vqa_score("yes", "yes")
 
 
@@ -170,7 +176,7 @@ def test_accuracy_refuses_answer_types_that_share_a_metric_name() -> None:
 
 
 def test_accuracy_rejects_empty_input() -> None:
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="^no predictions: VQA accuracy is undefined on an empty set$"):
         vqa_accuracy([], [])
 
 
@@ -185,6 +191,18 @@ def test_evaluate_load_matches_vqa_accuracy(monkeypatch: pytest.MonkeyPatch, tmp
 
     untyped = metric.compute(predictions=PREDICTIONS, references=ANSWERS)
     assert untyped == {"vqa_accuracy": 47.5}
+
+
+def test_metric_class_computes_in_process_with_the_declared_inputs() -> None:
+    """The `evaluate` module's class itself, as `evaluate.load` builds it: its features and its result."""
+    metric = VqaAccuracy()
+    assert metric.features == datasets.Features(
+        {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+    )
+    assert metric.reference_urls == ["https://visualqa.org/evaluation.html"]
+    assert "goyal2017making" in metric.citation
+    assert metric.compute(predictions=PREDICTIONS, references=ANSWERS, answer_types=TYPES) == EXPECTED
+    assert metric.compute(predictions=PREDICTIONS, references=ANSWERS) == {"vqa_accuracy": 47.5}
 
 
 @settings(max_examples=200, deadline=None)
