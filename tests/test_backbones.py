@@ -99,9 +99,12 @@ def test_learns_the_batch(trained, name):
 def test_cached_and_uncached_generation_identical(trained, name, num_beams):
     model, processor, _ = trained[name]
     inputs = make_batch(processor, with_answers=False)
-    cached = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, use_cache=True)
-    uncached = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, use_cache=False)
-    assert torch.equal(cached, uncached)
+    settings = dict(max_new_tokens=8, num_beams=num_beams, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(**inputs, **settings, use_cache=True)
+    uncached = model.generate(**inputs, **settings, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step, (with_cache, without) in enumerate(zip(cached.scores, uncached.scores)):
+        torch.testing.assert_close(with_cache, without, rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
 @pytest.mark.parametrize("name", PAIRINGS)
