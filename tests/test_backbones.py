@@ -386,3 +386,14 @@ def test_answers_are_encoded_as_words_by_every_decoder_tokenizer(folders, tmp_pa
     assert tokenizer.pad_token_id is not None
     if tokenizer.eos_token == "</s>":
         assert tokenizer.pad_token == "</s>", "Llama's tokenizer has no padding token: EOS pads"
+
+
+def test_gpt2_with_prefix_fusion_has_no_unused_cross_attention(folders):
+    """GPT-2 builds cross-attention blocks when asked to: with `prefix` fusion they would never get a gradient
+    (DDP then needs `find_unused_parameters`). ResNet, BERT without its pooler and GPT-2 use every parameter."""
+    parts = folders["resnet-bert-gpt2-prefix"]
+    model = build(parts, "prefix")
+    model(**make_batch(VqaFusionProcessor.from_pretrained_components(**parts))).loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    rebuilt = VqaFusionForConditionalGeneration(model.config)  # as `from_pretrained` builds it
+    assert rebuilt.state_dict().keys() == model.state_dict().keys()
