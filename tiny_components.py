@@ -69,7 +69,7 @@ class TinySizes:
     max_answer_positions: int = 32
 
 
-def _question_tokenizer(questions: Iterable[str]) -> PreTrainedTokenizerFast:
+def train_question_tokenizer(questions: Iterable[str]) -> PreTrainedTokenizerFast:
     """A lowercasing WordPiece tokenizer with BERT's special tokens, like distilbert-base-uncased's. Its
     vocabulary is every word of the questions plus every character (alone and as `##` continuation), in
     sorted order: the same ids on every run (the `tokenizers` WordPiece trainer breaks ties differently
@@ -116,7 +116,7 @@ def _vocab_and_merges(tokenizer: Tokenizer) -> tuple[dict[str, int], list[tuple[
     return model["vocab"], [tuple(merge) for merge in model["merges"]]
 
 
-def _decoder_tokenizer(answers: Iterable[str], kind: str = "gpt2") -> PreTrainedTokenizerFast:
+def train_decoder_tokenizer(answers: Iterable[str], kind: str = "gpt2") -> PreTrainedTokenizerFast:
     """
     The decoder's tokenizer, trained on the answers:
     - `gpt2`: byte-level BPE, `<|endoftext|>` as BOS, EOS and UNK (GPT-2's; SmolLM2's works the same way);
@@ -298,9 +298,9 @@ def build_tiny_components(
     out_dir = Path(out_dir)
     paths = {name: str(out_dir / name) for name in ("question_encoder", "vision_encoder", "decoder")}
     answers = list(answers)
-    question_tokenizer = _question_tokenizer(questions)
+    question_tokenizer = train_question_tokenizer(questions)
     question_tokenizer.model_max_length = sizes.max_question_length
-    decoder_tokenizer = _decoder_tokenizer(answers, decoder)
+    decoder_tokenizer = train_decoder_tokenizer(answers, decoder)
     configs = part_configs(
         sizes, len(question_tokenizer), len(decoder_tokenizer), question_tokenizer.pad_token_id,
         decoder_tokenizer.eos_token_id, bos_id=decoder_tokenizer.bos_token_id, vision=vision, question=question,
