@@ -397,3 +397,27 @@ def test_gpt2_with_prefix_fusion_has_no_unused_cross_attention(folders):
     assert [name for name, p in model.named_parameters() if p.grad is None] == []
     rebuilt = VqaFusionForConditionalGeneration(model.config)  # as `from_pretrained` builds it
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
+
+
+def test_seq2seq_trainer_predicts_with_generate_for_prefix_fusion(trained, tmp_path):
+    """`Seq2SeqTrainer` evaluates a prefix-fusion model as any other: its loss on the labels, and `generate`
+    through `predict_with_generate`, padded with the model's pad id."""
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    model, processor, losses = trained["siglip-distilbert-llama-prefix"]
+    rows = [{"image": solid(color), "question": question, "answer": answer} for color, question, answer in EXAMPLES]
+    arguments = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=len(rows), predict_with_generate=True,
+        generation_max_length=9, remove_unused_columns=False, report_to=[], use_cpu=True,
+    )
+
+    def collate(batch: list[dict]) -> dict:
+        return processor(
+            images=[row["image"] for row in batch], text=[row["question"] for row in batch],
+            answers=[row["answer"] for row in batch],
+        )
+
+    trainer = Seq2SeqTrainer(model=model, args=arguments, data_collator=collate, processing_class=processor)
+    result = trainer.predict(rows)
+    assert processor.batch_decode(result.predictions) == TARGETS
+    assert result.metrics["test_loss"] == pytest.approx(losses[-1], rel=0.5)
