@@ -208,12 +208,13 @@ def test_cross_attention_fusion_with_a_decoder_only_lm_raises(folders, decoder, 
         VqaFusionForConditionalGeneration(VqaFusionConfig(**parts, fusion=fusion))
 
 
-@pytest.mark.parametrize("name, tower", [("clip-bert-gpt2-sequence", "CLIPVisionModel"),
-                                         ("siglip-distilbert-llama-prefix", "SiglipVisionModel")])
-def test_dual_checkpoint_gives_its_pretrained_vision_tower_and_image_processor(folders, trained, name, tower):
-    model, processor, _ = trained[name]
-    fresh = build(folders[name], PAIRINGS[name][3])
-    vision = fresh.encoder.vision_encoder
+@pytest.mark.parametrize(
+    "name, tower",
+    [("clip-bert-gpt2-sequence", "CLIPVisionModel"), ("siglip-distilbert-llama-prefix", "SiglipVisionModel")],
+)
+def test_dual_checkpoint_gives_its_pretrained_vision_tower_and_image_processor(folders, name, tower):
+    vision = build(folders[name], PAIRINGS[name][3]).encoder.vision_encoder
+    processor = VqaFusionProcessor.from_pretrained_components(**folders[name])
     assert type(vision).__name__ == tower
     assert not [n for n, _ in vision.named_parameters() if n.startswith("head.")], "SigLIP's pooled head is unused"
     dual = AutoModel.from_pretrained(folders[name]["vision_encoder"])
@@ -281,7 +282,9 @@ def test_dinov2_without_registers_has_one_leading_token(folders, tmp_path):
     assert (output.image_offset, output.image_grid) == (question_length + 1, (4, 4))
 
 
-@pytest.mark.parametrize("name, grid", [("resnet-bert-gpt2-prefix", (4, 6)), ("swin-distilbert-llama-prefix+layer", (4, 6))])
+@pytest.mark.parametrize(
+    "name, grid", [("resnet-bert-gpt2-prefix", (4, 6)), ("swin-distilbert-llama-prefix+layer", (4, 6))]
+)
 def test_backbones_without_a_fixed_size_take_other_sizes_and_keep_the_aspect_ratio(trained, name, grid):
     model, processor, _ = trained[name]
     output, question_length = encoder_output(model, processor, torch.randn(len(EXAMPLES), 3, 32, 48))
@@ -312,7 +315,7 @@ def test_feature_map_cells_get_distinct_2d_positions():
     assert kept is sequence and leading == 1 and grid == (4, 4)
 
 
-def test_prefix_freeze_decoder_freezes_the_whole_language_model(folders, processor=None):
+def test_prefix_freeze_decoder_freezes_the_whole_language_model(folders):
     parts = folders["siglip-distilbert-llama-prefix"]
     model = build(parts, "prefix")
     model.freeze("decoder")
