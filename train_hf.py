@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArgume
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from lora import ALL_LINEAR, LORA_PARTS, add_lora, check_checkpoint_adapters, describe_trainable, merge_lora
 from modeling_vqa_fusion import FREEZE_SPECS, VqaFusionForConditionalGeneration
 from processing_vqa_fusion import VqaFusionProcessor
 from tiny_components import build_tiny_components
@@ -65,6 +66,16 @@ class ModelArguments:
     )
     freeze: str = field(default="none", metadata={"help": f"Comma list of {', '.join(FREEZE_SPECS)}."})
     max_answer_length: int = field(default=16, metadata={"help": "Answer tokens kept in the labels, EOS included."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank for the pretrained parts in --lora_parts; 0: no LoRA."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha: the adapters' updates scale by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: str = field(
+        default=ALL_LINEAR,
+        metadata={"help": "'all-linear' (every linear layer but the output layer) or a comma list of layer names."},
+    )
+    lora_parts: str = field(
+        default="decoder", metadata={"help": f"Parts with LoRA adapters: a comma list of {', '.join(LORA_PARTS)}."}
+    )
 
 
 @dataclass
@@ -231,6 +242,15 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
         processor = VqaFusionProcessor.from_pretrained_components(**parts)
     processor.max_answer_length = model_args.max_answer_length
     model.freeze(model_args.freeze)
+    if model_args.lora_r:
+        add_lora(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            parts=model_args.lora_parts,
+        )
     return model, processor
 
 
@@ -302,7 +322,7 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def render_model_card(model_args, data_args, training_args, model, metrics: dict[str, float]) -> str:
+def render_model_card(model_args, data_args, training_args, model, metrics: dict[str, float], trainable: str) -> str:
     """A model card recording components, fusion, data, hyper-parameters and measured accuracy."""
     config = model.config
     repo = training_args.hub_model_id or Path(training_args.output_dir).name
@@ -320,10 +340,13 @@ def render_model_card(model_args, data_args, training_args, model, metrics: dict
         "max_steps": training_args.max_steps,
         "answer_strategy": data_args.answer_strategy,
         "freeze": model_args.freeze,
+        "lora_r": model_args.lora_r,
         "bf16": training_args.bf16,
         "fp16": training_args.fp16,
         "seed": training_args.seed,
     }
+    if model_args.lora_r:
+        hyper |= {name: value for name, value in vars(model_args).items() if name.startswith("lora_")}
     components = "\n".join(
         f"| {name.replace('_', ' ')} | {sub.model_type} (`{sub._name_or_path or 'from config'}`) |"
         for name in ("question_encoder", "vision_encoder", "decoder")
@@ -346,6 +369,7 @@ fused ({config.fusion} fusion) into tokens that a decoder reads {reading} to gen
 |---|---|
 {components}
 | parameters | {model.num_parameters():,} |
+| trainable parameters (in training, adapters included) | {trainable} |
 
 Training data: `{data}`.
 
@@ -387,11 +411,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     train_dataset, eval_dataset = load_datasets(data_args, training_args)
     model, processor = build_model_and_processor(model_args, train_dataset, training_args)
+    trainable = describe_trainable(model)
     logger.info(
-        "model: %s fusion, %s parameters (%s trainable)",
-        model.config.fusion,
-        f"{model.num_parameters():,}",
-        f"{model.num_parameters(only_trainable=True):,}",
+        "model: %s fusion, %s parameters, trainable: %s", model.config.fusion, f"{model.num_parameters():,}", trainable
     )
     has_labels = eval_dataset is not None and all(a is not None for a in eval_dataset["multiple_choice_answer"])
 
@@ -409,6 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if training_args.do_train:
         resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+        check_checkpoint_adapters(model, resume)
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
@@ -422,7 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             write_predictions(Path(training_args.output_dir) / "predictions.json", eval_dataset["question_id"], answers)
             show_examples(eval_dataset, answers, data_args.show_examples)
 
-    trainer.model_card = render_model_card(model_args, data_args, training_args, model, metrics)
+    merge_lora(model)
+    trainer.model_card = render_model_card(model_args, data_args, training_args, model, metrics, trainable)
     trainer.save_model()
     trainer.create_model_card()
     if training_args.push_to_hub:
