@@ -1,23 +1,48 @@
-"""vqa-fusion: a question encoder and a vision encoder, projected and fused into the cross-attention memory
-of a causal decoder that generates the answer."""
+"""vqa-fusion: a question encoder and a vision encoder, projected and fused into tokens that a causal decoder
+reads, through cross-attention or as a prefix of its input, to generate the answer."""
 
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    EncoderDecoderCache,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput, Seq2SeqLMOutput
 
 try:
-    from .configuration_vqa_fusion import VqaFusionConfig
+    from .backbones_vqa_fusion import (
+        CROSS_ATTENTION_MARKERS,
+        fixed_image_size,
+        image_tokens,
+        load_vision_encoder,
+        require_cross_attention,
+        vision_width,
+        without_pooler,
+    )
+    from .configuration_vqa_fusion import CROSS_ATTENTION_FUSIONS, VqaFusionConfig
+    from .fusion_vqa_fusion import MeanFusion, SequenceFusion
 except ImportError:
-    from configuration_vqa_fusion import VqaFusionConfig
+    from backbones_vqa_fusion import (
+        CROSS_ATTENTION_MARKERS,
+        fixed_image_size,
+        image_tokens,
+        load_vision_encoder,
+        require_cross_attention,
+        vision_width,
+        without_pooler,
+    )
+    from configuration_vqa_fusion import CROSS_ATTENTION_FUSIONS, VqaFusionConfig
+    from fusion_vqa_fusion import MeanFusion, SequenceFusion
 
-# Decoder parameters whose names contain one of these belong to its cross-attention blocks (GPT-2:
-# `crossattention`, `ln_cross_attn`; BART-like decoders: `encoder_attn`): they stay trainable under freeze("decoder").
-CROSS_ATTENTION_MARKERS = ("crossattention", "cross_attn", "encoder_attn")
 FREEZE_SPECS = ("none", "encoders", "question_encoder", "vision_encoder", "decoder", "all")
 DEFAULT_MAX_NEW_TOKENS = 10
 
@@ -25,96 +50,37 @@ DEFAULT_MAX_NEW_TOKENS = 10
 @dataclass
 class VqaFusionEncoderOutput(ModelOutput):
     """
-    The fused cross-attention memory. Every field has the batch first, so that `generate` expands them
-    together for beam search.
+    The fused tokens: the memory the decoder cross-attends to (`sequence`, `mean`), or the prefix placed before
+    the answer in its input embeddings (`prefix`). Tensors have the batch first, so that `generate` expands
+    them together for beam search.
+
+    Layout (`sequence` and `prefix`): `[question tokens | image tokens]`. The question block holds the question
+    encoder's tokens, padded at its end (mask 0). The image block holds the vision encoder's tokens in its own
+    order: first those that are no grid cell (CLS, DeiT's distillation token, DINOv2's registers; none for
+    SigLIP, Swin and feature maps), then the grid cells row by row, so that cell `(row, column)` of the
+    `image_grid` `(rows, columns)` sits at position `image_offset + row * columns + column`. Feature maps
+    (ResNet, ConvNeXt) are their `(rows, columns)` cells; Swin's grid is its last stage's. With `prefix` the
+    decoder's self-attention keys are these positions followed by the answer tokens, so the same indices map
+    its attention back onto the image. `mean` fuses everything into one token: no image positions.
 
     Args:
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, memory_length, projection_dim)`):
-            The memory the decoder cross-attends to.
+            The fused tokens.
         attention_mask (`torch.LongTensor` of shape `(batch_size, memory_length)`):
-            1 for memory positions to attend to, 0 for question padding.
+            1 for positions to attend to, 0 for question padding.
         question_embedding (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
-            Added to every decoder input embedding (sequence fusion), so that the decoder's very first
-            cross-attention query already depends on the question and can look for what it asks about.
+            The mean projected question. `sequence` adds it to every decoder input embedding, so that the
+            decoder's very first cross-attention query already depends on the question.
+        image_offset (`int`, *optional*): position of the image grid's first cell, as above.
+        image_grid (`tuple[int, int]`, *optional*): `(rows, columns)` of the image grid; None for `mean`, or
+            when a backbone's output length fits no grid of the image's shape.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     attention_mask: torch.LongTensor | None = None
     question_embedding: torch.FloatTensor | None = None
-
-
-FusionOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-
-
-def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`(B, L, D)` states, `(B, L)` mask -> `(B, D)` mean over unmasked positions."""
-    weights = mask.unsqueeze(-1).to(states.dtype)
-    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
-
-
-class MeanFusion(nn.Module):
-    """The book's fusion: mean question state (padding excluded) and mean image state (CLS included), each
-    through one linear projection, averaged into a single memory token."""
-
-    def __init__(self, question_dim: int, image_dim: int, dim: int):
-        super().__init__()
-        self.question_projection = nn.Linear(question_dim, dim)
-        self.image_projection = nn.Linear(image_dim, dim)
-
-    def forward(
-        self, question_states: torch.Tensor, question_mask: torch.Tensor, image_states: torch.Tensor
-    ) -> FusionOutput:
-        """`(B, Lq, Dq)`, `(B, Lq)`, `(B, Li, Di)` -> memory `(B, 1, D)`, its mask `(B, 1)`, no question embedding."""
-        question = self.question_projection(_masked_mean(question_states, question_mask))
-        fused = (question + self.image_projection(image_states.mean(1))) / 2
-        return fused.unsqueeze(1), question_mask.new_ones(question_mask.shape[0], 1), None
-
-
-class SequenceFusion(nn.Module):
-    """
-    Every question token and image patch as its own memory position, projected and tagged with a learned
-    modality embedding, optionally mixed by `layers` transformer layers so that patches can read the question
-    (and words the image) before the decoder does. With layers, each patch also starts with the mean projected
-    question added, so a layer's MLP can match every patch against the question directly, without first
-    having to learn attention from patches to words (on the shapes demo: 64.7 % against 51.6 % after 1,000
-    steps). The mean projected question is also returned, for the decoder's inputs. No normalisation of the
-    memory: the encoders' outputs are layer-normed already, and a second norm was measured to slow learning
-    several-fold on the shapes demo.
-    """
-
-    def __init__(self, question_dim: int, image_dim: int, dim: int, layers: int = 0, heads: int = 1):
-        super().__init__()
-        self.question_projection = nn.Linear(question_dim, dim)
-        self.image_projection = nn.Linear(image_dim, dim)
-        self.modality_embeddings = nn.Embedding(2, dim)
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
-            for _ in range(layers)
-        )
-
-    def forward(
-        self, question_states: torch.Tensor, question_mask: torch.Tensor, image_states: torch.Tensor
-    ) -> FusionOutput:
-        """`(B, Lq, Dq)`, `(B, Lq)`, `(B, Li, Di)` -> memory `(B, Lq + Li, D)`, its mask `(B, Lq + Li)` and the
-        question embedding `(B, D)`."""
-        question = self.question_projection(question_states)
-        question_embedding = _masked_mean(question, question_mask)
-        image = self.image_projection(image_states) + self.modality_embeddings.weight[1]
-        if self.layers:
-            image = image + question_embedding.unsqueeze(1)
-        memory = torch.cat([question + self.modality_embeddings.weight[0], image], dim=1)
-        mask = torch.cat([question_mask, question_mask.new_ones(image_states.shape[:2])], dim=1)
-        for layer in self.layers:
-            memory = layer(memory, src_key_padding_mask=mask == 0)
-        return memory, mask, question_embedding
-
-
-def _without_pooler(model: PreTrainedModel) -> PreTrainedModel:
-    """Drop an encoder's pooler: its output is never used, and a parameter that never gets a gradient
-    forces DDP's `find_unused_parameters`."""
-    if getattr(model, "pooler", None) is not None:
-        model.pooler = None
-    return model
+    image_offset: int | None = None
+    image_grid: tuple[int, int] | None = None
 
 
 def _encode(encoder: nn.Module, **inputs) -> torch.Tensor:
@@ -125,8 +91,8 @@ def _encode(encoder: nn.Module, **inputs) -> torch.Tensor:
 
 
 class VqaFusionEncoder(nn.Module):
-    """Question encoder + vision encoder + fusion: `(input_ids, attention_mask, pixel_values)` -> the decoder's
-    cross-attention memory and its mask. This is what `generate` runs once per call."""
+    """Question encoder + vision encoder + fusion: `(input_ids, attention_mask, pixel_values)` -> the fused tokens
+    the decoder reads and their mask. This is what `generate` runs once per call."""
 
     main_input_name = "input_ids"
 
@@ -138,13 +104,14 @@ class VqaFusionEncoder(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.question_encoder = _without_pooler(question_encoder or AutoModel.from_config(config.question_encoder))
-        self.vision_encoder = _without_pooler(vision_encoder or AutoModel.from_config(config.vision_encoder))
-        dims = (config.question_encoder.hidden_size, config.vision_encoder.hidden_size, config.projection_dim)
-        if config.fusion == "sequence":
-            self.fusion = SequenceFusion(*dims, layers=config.fusion_layers, heads=config.decoder.num_attention_heads)
-        else:
+        self.question_encoder = without_pooler(question_encoder or AutoModel.from_config(config.question_encoder))
+        self.vision_encoder = without_pooler(vision_encoder or AutoModel.from_config(config.vision_encoder))
+        self.image_size = fixed_image_size(self.vision_encoder)
+        dims = (config.question_encoder.hidden_size, vision_width(config.vision_encoder), config.projection_dim)
+        if config.fusion == "mean":
             self.fusion = MeanFusion(*dims)
+        else:
+            self.fusion = SequenceFusion(*dims, layers=config.fusion_layers, heads=config.decoder.num_attention_heads)
 
     def check_inputs(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor | None) -> None:
         """Refuse inputs that would otherwise fail deep inside an encoder or give silently wrong answers."""
@@ -155,11 +122,11 @@ class VqaFusionEncoder(nn.Module):
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}")
-        vision = self.config.vision_encoder
-        channels = vision.num_channels
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+        channels = getattr(self.config.vision_encoder, "num_channels", None)
+        if pixel_values.dim() != 4 or (channels is not None and pixel_values.shape[1] != channels):
             raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}"
+                f"pixel_values must have shape (batch, {channels or 'channels'}, height, width), got "
+                f"{tuple(pixel_values.shape)}"
             )
         if not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be a floating point tensor, got {pixel_values.dtype}")
@@ -167,14 +134,11 @@ class VqaFusionEncoder(nn.Module):
             raise ValueError(
                 f"batch sizes differ: input_ids has {input_ids.shape[0]} rows, pixel_values {pixel_values.shape[0]}"
             )
-        size = getattr(vision, "image_size", None)
-        if size is not None:
-            expected = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-            if tuple(pixel_values.shape[-2:]) != expected:
-                raise ValueError(
-                    f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but the vision encoder takes {expected}: "
-                    "prepare images with the processor"
-                )
+        if self.image_size is not None and tuple(pixel_values.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but the vision encoder takes "
+                f"{self.image_size}: prepare images with the processor"
+            )
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or infinite values")
 
@@ -199,10 +163,17 @@ class VqaFusionEncoder(nn.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
             )
         question_states = _encode(self.question_encoder, input_ids=input_ids, attention_mask=attention_mask)
-        image_states = _encode(self.vision_encoder, pixel_values=pixel_values)
+        image_states, leading, grid = image_tokens(
+            _encode(self.vision_encoder, pixel_values=pixel_values), pixel_values.shape[-2:], self.config.vision_encoder
+        )
         memory, memory_mask, question_embedding = self.fusion(question_states, attention_mask, image_states)
+        keeps_tokens = self.config.fusion != "mean"
         return VqaFusionEncoderOutput(
-            last_hidden_state=memory, attention_mask=memory_mask, question_embedding=question_embedding
+            last_hidden_state=memory,
+            attention_mask=memory_mask,
+            question_embedding=question_embedding,
+            image_offset=input_ids.shape[1] + leading if keeps_tokens and grid is not None else None,
+            image_grid=grid if keeps_tokens else None,
         )
 
 
@@ -230,11 +201,12 @@ class VqaFusionPreTrainedModel(PreTrainedModel):
 
 class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixin):
     """
-    Visual question answering as conditional generation: the encoder fuses question and image into a memory,
-    the decoder (GPT-2 by default) generates the answer through cross-attention.
+    Visual question answering as conditional generation: the encoder fuses question and image into tokens, the
+    decoder (GPT-2 by default, or any causal LM with `fusion="prefix"`) generates the answer from them.
 
     Labels are the answer tokens followed by EOS, padded with -100; the decoder input is the labels shifted
-    right behind `decoder_start_token_id`, so `generate` returns rows that start with that token.
+    right behind `decoder_start_token_id`, so `generate` returns rows that start with that token. With
+    `fusion="prefix"` the fused tokens come first in the decoder's input and the loss covers the answer only.
     """
 
     def __init__(
@@ -247,6 +219,8 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.encoder = VqaFusionEncoder(config, question_encoder, vision_encoder)
         self.decoder = decoder or AutoModelForCausalLM.from_config(config.decoder)
+        if config.fusion in CROSS_ATTENTION_FUSIONS:
+            require_cross_attention(self.decoder, config.fusion)
         # One config object per part, shared with the part itself, so that what is saved is what runs.
         for name, part in (
             ("question_encoder", self.encoder.question_encoder),
@@ -275,10 +249,12 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
         **kwargs,
     ) -> "VqaFusionForConditionalGeneration":
         """
-        A new model for fine-tuning from three pretrained parts (hub ids or local folders). The fusion and the
-        decoder's cross-attention are freshly initialised, with std `initializer_range` (default: the decoder's
-        own, 0.02 for gpt2); everything else keeps its pretrained weights. `kwargs` (e.g. `dtype`,
-        `attn_implementation`, `revision`) are passed to every part's `from_pretrained`.
+        A new model for fine-tuning from three pretrained parts (hub ids or local folders): any text encoder, any
+        vision model or dual-encoder checkpoint (CLIP, SigLIP: its vision tower), any causal LM. The fusion and
+        the decoder's cross-attention are freshly initialised, with std `initializer_range` (default: the
+        decoder's own, 0.02 for gpt2); everything else keeps its pretrained weights. `kwargs` (e.g. `dtype`,
+        `attn_implementation`, `revision`) are passed to every part's `from_pretrained`. A cross-attention
+        fusion with a decoder that has none raises before any weights are loaded.
         """
         overrides = {}
         if initializer_range is not None:
@@ -286,11 +262,14 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
                 raise ValueError(f"initializer_range must be positive, got {initializer_range}")
             overrides["initializer_range"] = initializer_range
         decoder_config = AutoConfig.from_pretrained(
-            decoder, is_decoder=True, add_cross_attention=True, **overrides, **kwargs
+            decoder, is_decoder=True, add_cross_attention=fusion in CROSS_ATTENTION_FUSIONS, **overrides, **kwargs
         )
+        if fusion in CROSS_ATTENTION_FUSIONS:
+            with torch.device("meta"):
+                require_cross_attention(AutoModelForCausalLM.from_config(decoder_config), fusion)
         parts = dict(
             question_encoder=AutoModel.from_pretrained(question_encoder, **kwargs),
-            vision_encoder=AutoModel.from_pretrained(vision_encoder, **kwargs),
+            vision_encoder=load_vision_encoder(vision_encoder, **kwargs),
             decoder=AutoModelForCausalLM.from_pretrained(decoder, config=decoder_config, **kwargs),
         )
         # Sub-configs from dicts: building the composite config must not reset the parts' own attention setting.
@@ -325,8 +304,9 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
     def freeze(self, spec: str = "none") -> None:
         """
         Choose what trains. `spec` is one of `none`, `encoders`, `question_encoder`, `vision_encoder`, `decoder`
-        (all of it except its cross-attention blocks and their layer norms), `all` (only the decoder's
-        cross-attention and the fusion train), or a comma-separated list of these. The fusion always trains.
+        (all of it except its cross-attention blocks and their layer norms; with `prefix` fusion, which adds none,
+        the whole LM), `all` (only the decoder's cross-attention and the fusion train), or a comma-separated list
+        of these. The fusion always trains.
         A frozen encoder builds no autograd graph, so it costs no activation memory.
         """
         names = [name.strip() for name in spec.split(",") if name.strip()]
@@ -368,8 +348,13 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
             decoder_input_ids (`torch.LongTensor` of shape `(batch_size, answer_length)`, *optional*):
                 Defaults to `labels` shifted right behind `decoder_start_token_id`; without labels, to the start
                 token alone, so `logits` are the scores of the first answer token.
-            encoder_outputs ([`VqaFusionEncoderOutput`], *optional*): a memory computed before; then the
+            decoder_attention_mask (`torch.LongTensor` of shape `(batch_size, answer_length)`, *optional*):
+                0 for answer positions to ignore (default: none). With `prefix` fusion and a cache, it covers every
+                answer token so far, as `generate` extends it.
+            encoder_outputs ([`VqaFusionEncoderOutput`], *optional*): fused tokens computed before; then the
                 encoders are skipped (as in every step of `generate` after the first).
+            cache (`Cache`, *optional*): the decoder's key/value cache; `generate` passes an
+                `EncoderDecoderCache`, whose self-attention part holds the prefix too with `prefix` fusion.
             labels (`torch.LongTensor` of shape `(batch_size, answer_length)`, *optional*):
                 Answer tokens and EOS, -100 where padded. Gives `loss`, the mean cross-entropy per answer token
                 (or the sum over `num_items_in_batch` tokens, as the Trainer asks for gradient accumulation).
@@ -393,33 +378,93 @@ class VqaFusionForConditionalGeneration(VqaFusionPreTrainedModel, GenerationMixi
                 (memory.shape[0], 1), self.config.decoder_start_token_id, dtype=torch.long, device=memory.device
             )
 
-        inputs_embeds = None
-        if encoder_outputs.question_embedding is not None:
-            inputs_embeds = self.get_input_embeddings()(decoder_input_ids)
-            inputs_embeds = inputs_embeds + encoder_outputs.question_embedding.unsqueeze(1).to(inputs_embeds.dtype)
-            decoder_input_ids = None
-        decoder_outputs = self.decoder(
-            input_ids=decoder_input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=decoder_attention_mask,
-            encoder_hidden_states=memory,
-            encoder_attention_mask=encoder_outputs.attention_mask,
+        if self.config.fusion == "prefix":
+            decoder_outputs, logits, cache = self._decode_after_prefix(
+                encoder_outputs, decoder_input_ids, decoder_attention_mask, cache, use_cache, **kwargs
+            )
+        else:
+            inputs_embeds = None
+            if encoder_outputs.question_embedding is not None:
+                inputs_embeds = self.get_input_embeddings()(decoder_input_ids)
+                inputs_embeds = inputs_embeds + encoder_outputs.question_embedding.unsqueeze(1).to(inputs_embeds.dtype)
+                decoder_input_ids = None
+            decoder_outputs = self.decoder(
+                input_ids=decoder_input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=decoder_attention_mask,
+                encoder_hidden_states=memory,
+                encoder_attention_mask=encoder_outputs.attention_mask,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            logits, cache = decoder_outputs.logits, decoder_outputs.cache
+        loss = None
+        if labels is not None:
+            loss = self.answer_loss(logits, labels, num_items_in_batch)
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
             cache=cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=getattr(decoder_outputs, "cross_attentions", None),
+            encoder_last_hidden_state=memory,
+        )
+
+    def _decode_after_prefix(
+        self,
+        encoder_outputs: VqaFusionEncoderOutput,
+        decoder_input_ids: torch.LongTensor,
+        decoder_attention_mask: torch.LongTensor | None,
+        cache,
+        use_cache: bool | None,
+        **kwargs,
+    ) -> tuple[ModelOutput, torch.Tensor, object]:
+        """
+        `prefix` fusion: the decoder reads `[fused tokens | answer tokens]` as input embeddings. On the first call
+        of a generation (an empty cache) or without a cache, the fused tokens are prepended; later calls feed the
+        new answer tokens only, the prefix being in the cache. Question padding inside the prefix is masked, and
+        positions count unmasked tokens only (the cumulative sum of the mask), so that an answer does not depend
+        on how long the other questions of the batch are.
+
+        Returns the decoder's output, the logits of the `(batch, new tokens)` answer positions, and the cache to
+        hand back to `generate` (the `EncoderDecoderCache` it gave, whose self-attention part the decoder filled).
+        """
+        prefix, prefix_mask = encoder_outputs.last_hidden_state, encoder_outputs.attention_mask
+        decoder_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        seen = decoder_cache.get_seq_length() if decoder_cache is not None else 0
+        new_tokens = decoder_input_ids.shape[1]
+        inputs_embeds = self.get_input_embeddings()(decoder_input_ids)
+        if seen == 0:
+            inputs_embeds = torch.cat([prefix.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+        answer_length = seen + inputs_embeds.shape[1] - prefix.shape[1]
+        if decoder_attention_mask is None:
+            decoder_attention_mask = prefix_mask.new_ones(prefix_mask.shape[0], answer_length)
+        elif decoder_attention_mask.shape != (prefix_mask.shape[0], answer_length):
+            raise ValueError(
+                f"decoder_attention_mask has shape {tuple(decoder_attention_mask.shape)}, but "
+                f"{(prefix_mask.shape[0], answer_length)} answer tokens are decoded"
+            )
+        attention_mask = torch.cat([prefix_mask, decoder_attention_mask.to(prefix_mask.dtype)], dim=1)
+        limit = getattr(self.config.decoder, "max_position_embeddings", None)
+        if limit is not None and attention_mask.shape[1] > limit:
+            raise ValueError(
+                f"the prefix ({prefix.shape[1]} fused tokens) and {answer_length} answer tokens need "
+                f"{attention_mask.shape[1]} positions, but the decoder has max_position_embeddings={limit}"
+            )
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1] :]
+        if self.decoder._supports_logits_to_keep():
+            kwargs["logits_to_keep"] = new_tokens
+        outputs = self.decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=decoder_cache,
             use_cache=use_cache,
             **kwargs,
         )
-        loss = None
-        if labels is not None:
-            loss = self.answer_loss(decoder_outputs.logits, labels, num_items_in_batch)
-        return Seq2SeqLMOutput(
-            loss=loss,
-            logits=decoder_outputs.logits,
-            cache=decoder_outputs.cache,
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=memory,
-        )
+        return outputs, outputs.logits[:, -new_tokens:], cache if cache is not None else outputs.cache
 
     @staticmethod
     def answer_loss(

@@ -42,6 +42,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def answer_prefix(tokenizer) -> str:
+    """
+    What goes before an answer so that it is encoded as a word inside running text: `" "` for byte-level BPE
+    tokenizers (GPT-2, SmolLM2, Qwen2), whose words carry their leading space (`"Ġred"`), and `""` for
+    tokenizers that mark word starts themselves (SentencePiece-style Llama tokenizers: `"red"` is `"▁red"`, while
+    `" red"` becomes `"▁", "▁red"` in legacy ones). Found by comparing how a word is tokenized alone and after
+    another word.
+    """
+    context = tokenizer.tokenize("is")
+    in_text = tokenizer.tokenize("is yes")
+    if in_text[: len(context)] == context and tokenizer.tokenize("yes") == in_text[len(context) :]:
+        return ""
+    return " "
+
+
 def _as_list(value) -> list:
     if value is None:
         return []
@@ -56,8 +71,9 @@ class VqaFusionProcessor(ProcessorMixin):
 
     Args:
         image_processor: the vision encoder's image processor (e.g. `ViTImageProcessor`).
-        tokenizer: the decoder's tokenizer (e.g. GPT-2's). Answers are encoded with a leading space, as words
-            appear inside GPT-2's training text, and followed by its EOS token.
+        tokenizer: the decoder's tokenizer (e.g. GPT-2's). Answers are encoded as words appear inside its
+            training text (with a leading space for byte-level BPE such as GPT-2's, see `answer_prefix`) and
+            followed by its EOS token, which also pads when it has no padding token.
         question_tokenizer: the question encoder's tokenizer (e.g. DistilBERT's); questions are truncated to
             its `model_max_length`.
         max_answer_length (`int`, defaults to 16): answer tokens kept in `labels`, EOS included.
@@ -74,6 +90,7 @@ class VqaFusionProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, question_tokenizer, **kwargs)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.answer_prefix = answer_prefix(self.tokenizer)
         if max_answer_length < 1:
             raise ValueError(f"max_answer_length must be at least 1 (room for EOS), got {max_answer_length}")
         self.max_answer_length = max_answer_length
@@ -132,8 +149,14 @@ class VqaFusionProcessor(ProcessorMixin):
             if 0 in image.size:
                 raise ValueError(f"images[{index}] is empty: {image.width}x{image.height} pixels")
 
+        # Padding at the end of each question: the model's layout puts the question block first, padding last.
         encoding = self.question_tokenizer(
-            questions, padding=True, truncation=True, return_tensors=return_tensors, return_token_type_ids=False
+            questions,
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            return_tensors=return_tensors,
+            return_token_type_ids=False,
         )
         rgb_images = [to_rgb(image) for image in images]
         pixel_values = self.image_processor(rgb_images, return_tensors=return_tensors)["pixel_values"]
@@ -148,7 +171,7 @@ class VqaFusionProcessor(ProcessorMixin):
         for index, answer in enumerate(answers):
             if not isinstance(answer, str) or not answer.strip():
                 raise ValueError(f"answers[{index}] is {answer!r}: every answer must be a non-empty string")
-            ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(self.answer_prefix + answer.strip(), add_special_tokens=False)["input_ids"]
             rows.append(ids[: self.max_answer_length - 1] + [self.tokenizer.eos_token_id])
         width = max(len(row) for row in rows)
         return [row + [-100] * (width - len(row)) for row in rows]
@@ -173,4 +196,4 @@ class VqaFusionProcessor(ProcessorMixin):
 
 VqaFusionProcessor.register_for_auto_class()
 
-__all__ = ["VqaFusionProcessor", "to_rgb"]
+__all__ = ["VqaFusionProcessor", "answer_prefix", "to_rgb"]

@@ -78,9 +78,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "'tiny': small random components and tokenizers trained on the training text (offline)."},
     )
-    fusion: str = field(default="sequence", metadata={"help": "'sequence' or 'mean' (the book's)."})
+    fusion: str = field(
+        default="sequence",
+        metadata={"help": "'sequence', 'mean' (the book's) or 'prefix' (for decoder-only LMs such as Llama, Qwen2)."},
+    )
     fusion_layers: int = field(
-        default=0, metadata={"help": "Sequence fusion: transformer layers over the joint question + image memory."}
+        default=0,
+        metadata={"help": "Sequence or prefix fusion: transformer layers over the joint question + image tokens."},
     )
     initializer_range: float | None = field(
         default=None,
@@ -545,6 +549,7 @@ def render_model_card(model_args, data_args, training_args, model, metrics: dict
         evaluation = f"Official VQA accuracy on {metrics['eval_samples']:,} held-out questions:\n\n| metric | value |\n|---|---|\n{accuracy}"
     else:
         evaluation = "Not measured in this training run."
+    reading = "as a prefix of its input" if config.fusion == "prefix" else "through cross-attention"
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
@@ -554,7 +559,7 @@ tags: [vqa-fusion, visual-question-answering]
 # {repo}
 
 A vqa-fusion visual question answering model: a question encoder and a vision encoder, projected and
-fused ({config.fusion} fusion) into the cross-attention memory of a decoder that generates the answer.
+fused ({config.fusion} fusion) into tokens that a decoder reads {reading} to generate the answer.
 
 | component | model |
 |---|---|
