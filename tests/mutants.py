@@ -108,14 +108,14 @@ MUTANTS = [
     # Issue 12, point 8: the book's loss, -100, tiny images, non-ASCII questions, the Hub files' classes.
     Mutant(
         "vision-encoder-loaded-with-another-layer-norm",
-        "modeling_vqa_fusion.py",
-        "            vision_encoder=AutoModel.from_pretrained(vision_encoder, **kwargs),",
-        "            vision_encoder=AutoModel.from_pretrained(vision_encoder, layer_norm_eps=0.1, **kwargs),",
+        "backbones_vqa_fusion.py",
+        "    config = AutoConfig.from_pretrained(name_or_path, **kwargs)",
+        "    config = AutoConfig.from_pretrained(name_or_path, layer_norm_eps=0.1, **kwargs)",
         ("tests/test_modeling.py::test_mean_fusion_reproduces_the_books_loss",),
     ),
     Mutant(
         "mean-fusion-takes-cls-only",
-        "modeling_vqa_fusion.py",
+        "fusion_vqa_fusion.py",
         "        fused = (question + self.image_projection(image_states.mean(1))) / 2",
         "        fused = (question + self.image_projection(image_states[:, 0])) / 2",
         ("tests/test_modeling.py::test_mean_fusion_reproduces_the_books_loss",),
@@ -144,8 +144,8 @@ MUTANTS = [
     Mutant(
         "questions-folded-to-ascii",
         "processing_vqa_fusion.py",
-        "            questions, padding=True, truncation=True,",
-        '            [q.encode("ascii", "replace").decode() for q in questions], padding=True, truncation=True,',
+        "            questions,\n            padding=True,",
+        '            [q.encode("ascii", "replace").decode() for q in questions],\n            padding=True,',
         ("tests/test_processing.py::test_non_ascii_questions_are_encoded_to_known_tokens",),
     ),
     Mutant(
@@ -199,7 +199,7 @@ MUTANTS = [
     Mutant(
         "answers-without-leading-space",
         "processing_vqa_fusion.py",
-        'ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]',
+        'ids = self.tokenizer(self.answer_prefix + answer.strip(), add_special_tokens=False)["input_ids"]',
         'ids = self.tokenizer(answer.strip(), add_special_tokens=False)["input_ids"]',
         ("tests/test_processing.py::test_labels_are_answer_tokens_then_eos_padded_with_minus_100",),
     ),
@@ -223,7 +223,7 @@ MUTANTS = [
     # The fusion masks.
     Mutant(
         "mean-over-question-padding",
-        "modeling_vqa_fusion.py",
+        "fusion_vqa_fusion.py",
         "    weights = mask.unsqueeze(-1).to(states.dtype)",
         "    weights = torch.ones_like(mask).unsqueeze(-1).to(states.dtype)",
         (
@@ -233,7 +233,7 @@ MUTANTS = [
     ),
     Mutant(
         "fusion-layers-read-question-padding",
-        "modeling_vqa_fusion.py",
+        "fusion_vqa_fusion.py",
         "            memory = layer(memory, src_key_padding_mask=mask == 0)",
         "            memory = layer(memory)",
         (
@@ -243,7 +243,7 @@ MUTANTS = [
     ),
     Mutant(
         "image-patches-masked-out",
-        "modeling_vqa_fusion.py",
+        "fusion_vqa_fusion.py",
         "        mask = torch.cat([question_mask, question_mask.new_ones(image_states.shape[:2])], dim=1)",
         "        mask = torch.cat([question_mask, question_mask.new_zeros(image_states.shape[:2])], dim=1)",
         ("tests/test_modeling.py::test_sequence_fusion_layers_ignore_question_padding",),
