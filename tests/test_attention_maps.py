@@ -2,10 +2,16 @@
 position computed here from the backbone's layout, not by the code under test), in that cell's pixels of the
 image (centre crops included), and the answers and their probabilities are those of `generate`."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from attention_quadrants import asked_corner_share  # noqa: E402
 from attention_maps import answer_with_attention, processed_region
 from conftest import ANSWERS, QUESTIONS, solid
 from modeling_vqa_fusion import VqaFusionForConditionalGeneration
@@ -142,3 +148,14 @@ def test_processed_region_follows_a_centre_crop(models):
     assert processed_region(processor.image_processor, 30, 90) == (0.0, 30.0, 30.0, 60.0)
     pixels = processor(images=[image], text=["What color?"], return_tensors="pt")["pixel_values"]
     assert pixels.min() > pixels.max() - 0.5, "the crop kept black pixels"
+
+
+def test_corner_measure_reads_the_quadrant_and_the_cell_the_question_names():
+    heatmap = np.zeros((64, 64))
+    heatmap[0:16, 48:64] = 0.75 / 256  # the top right cell
+    heatmap[16:32, 32:48] = 0.25 / 256  # the cell diagonally inside it: same quadrant, another cell
+    question = "What color is the object in the top right corner?"
+    assert asked_corner_share(heatmap, question, cells=2) == pytest.approx(1.0)
+    assert asked_corner_share(heatmap, question, cells=1) == pytest.approx(0.75)
+    for other in ("top left", "bottom right", "bottom left"):
+        assert asked_corner_share(heatmap, f"What shape is in the {other} corner?", cells=2) == 0
