@@ -22,7 +22,13 @@ from processing_vqa_fusion import VqaFusionProcessor
 
 DEFAULT_MODEL = "outputs/demo"
 EXAMPLES = Path(__file__).resolve().parent / "assets" / "examples"
-EXAMPLE_QUESTIONS = "What color is the object in the top left corner?\nWhat shape is in the bottom right corner?\nHow many circles are there?"
+EXAMPLE_QUESTIONS = "\n".join(
+    (
+        "What color is the object in the top left corner?",
+        "What shape is in the bottom right corner?",
+        "How many circles are there?",
+    )
+)
 ALTERNATIVES = 3
 MAX_QUESTIONS = 8
 HEAT_OPACITY = 0.6
@@ -31,10 +37,16 @@ HEAT_OPACITY = 0.6
 def load(name_or_path: str) -> tuple[VqaFusionForConditionalGeneration, VqaFusionProcessor]:
     """The model and processor of a saved folder or hub id; a missing default folder says how to make it."""
     if name_or_path == DEFAULT_MODEL and not Path(DEFAULT_MODEL).is_dir():
-        sys.exit(f"no model in {DEFAULT_MODEL}: train the demo first with `accelerate launch train_hf.py`, or give a model: python app.py MODEL")
-    model = VqaFusionForConditionalGeneration.from_pretrained(name_or_path).eval()
-    # This repository's classes load the folder: its own copy of the code is never run.
-    processor = VqaFusionProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+        sys.exit(
+            f"no model in {DEFAULT_MODEL}: train the demo first with `accelerate launch train_hf.py`, "
+            "or give a model: python app.py MODEL"
+        )
+    try:
+        model = VqaFusionForConditionalGeneration.from_pretrained(name_or_path).eval()
+        # This repository's classes load the folder: its own copy of the code is never run.
+        processor = VqaFusionProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    except OSError as error:
+        sys.exit(f"cannot load a vqa-fusion model from {name_or_path}: {error}")
     return model, processor
 
 
@@ -69,7 +81,7 @@ def describe(results: list[AnswerAttention]) -> str:
     """The answers as Markdown: each question, its answer and the alternatives with their probabilities."""
     blocks = []
     for result in results:
-        alternatives = ", ".join(f"{answer or '(empty)'} {probability:.1%}" for answer, probability in result.alternatives)
+        alternatives = ", ".join(f"{text or '(empty)'} {probability:.1%}" for text, probability in result.alternatives)
         blocks.append(
             f"**{result.question}** → **{result.answer or '(empty)'}**  \n"
             f"beam search: {alternatives}; attention on the image: {result.image_share:.0%}"
@@ -83,7 +95,8 @@ def question_shading(results: list[AnswerAttention]) -> list[tuple[str, float | 
     shading = []
     for result in results:
         top = max(float(result.question_weights.max()), 1e-12)
-        shading += [(token + " ", float(weight) / top) for token, weight in zip(result.question_tokens, result.question_weights)]
+        tokens = zip(result.question_tokens, result.question_weights)
+        shading += [(token + " ", float(weight) / top) for token, weight in tokens]
         shading.append(("\n", None))
     return shading
 

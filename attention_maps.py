@@ -85,7 +85,8 @@ def answer_steps(sequences: torch.LongTensor, eos_token_id: int) -> torch.Tensor
     whose outputs were the answer's tokens: positions `0 .. n - 1` for an answer of `n` tokens before EOS,
     position 0 alone for an empty answer."""
     is_eos = sequences[:, 1:] == eos_token_id
-    steps = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long))
+    never_ended = torch.full_like(is_eos[:, 0], is_eos.shape[1], dtype=torch.long)
+    steps = torch.where(is_eos.any(1), is_eos.int().argmax(1), never_ended)
     positions = torch.arange(sequences.shape[1], device=sequences.device)
     return positions[None, :] < steps.clamp(min=1)[:, None]
 
@@ -179,9 +180,9 @@ def upsample(grid: np.ndarray, height: int, width: int, region: tuple[float, flo
     """`(rows, columns)` weights -> `(height, width)` weights summing to one: bilinear inside `region`, zero
     outside it."""
     top, left, bottom, right = (round(value) for value in region)
-    inside = torch.nn.functional.interpolate(
-        torch.from_numpy(grid)[None, None].float(), size=(bottom - top, right - left), mode="bilinear", align_corners=False
-    )[0, 0].numpy()
+    grid = torch.from_numpy(grid)[None, None].float()
+    size = (bottom - top, right - left)
+    inside = torch.nn.functional.interpolate(grid, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
     heatmap = np.zeros((height, width), dtype=np.float32)
     heatmap[top:bottom, left:right] = inside
     return heatmap / heatmap.sum()
@@ -199,14 +200,14 @@ def answer_with_attention(
     Answer `questions[i]` about `images[i]` and return, per question, the answer, its top `num_alternatives`
     beams with their probabilities, and where the decoder read (see `AnswerAttention` and the module's
     docstring). `generate_kwargs` go to `model.generate` (e.g. `num_beams`, `max_new_tokens`); with
-    `num_alternatives > 1`, beam search with at least that many beams.
+    `num_alternatives > 1`, beam search with at least that many beams. The model runs as it is: in eval mode, as
+    `from_pretrained` returns it, for maps without dropout.
     """
     if num_alternatives < 1:
         raise ValueError(f"num_alternatives must be at least 1, got {num_alternatives}")
     inputs = processor(images=list(images), text=list(questions), return_tensors="pt").to(model.device)
     if num_alternatives > 1:
         generate_kwargs["num_beams"] = max(generate_kwargs.get("num_beams", 1), num_alternatives)
-    model.eval()
     with torch.no_grad():
         encoder_outputs = model.get_encoder()(**inputs)
         sequences = model.generate(**inputs, num_return_sequences=num_alternatives, **generate_kwargs)
@@ -217,7 +218,7 @@ def answer_with_attention(
         }
     )
     question_mask = inputs["attention_mask"].repeat_interleave(num_alternatives, dim=0)
-    weights, log_probabilities = decoder_attention(model, expanded, sequences, question_mask)
+    weights, log_probabilities = (t.cpu() for t in decoder_attention(model, expanded, sequences, question_mask))
     texts = processor.batch_decode(sequences)
     offset, grid_shape = encoder_outputs.image_offset, encoder_outputs.image_grid
     if model.config.fusion == "mean":
@@ -234,6 +235,7 @@ def answer_with_attention(
         grid = (cells / cells.sum()).reshape(grid_shape).numpy()
         region = processed_region(processor.image_processor, image.height, image.width)
         length = int(inputs["attention_mask"][index].sum())
+        question_ids = inputs["input_ids"][index, :length].tolist()
         probabilities = log_probabilities[row : row + num_alternatives].exp().tolist()
         results.append(
             AnswerAttention(
@@ -243,7 +245,7 @@ def answer_with_attention(
                 heatmap=upsample(grid, image.height, image.width, region),
                 grid=grid,
                 image_share=float(cells.sum()),
-                question_tokens=processor.question_tokenizer.convert_ids_to_tokens(inputs["input_ids"][index, :length]),
+                question_tokens=processor.question_tokenizer.convert_ids_to_tokens(question_ids),
                 question_weights=weights[row, :length].numpy(),
             )
         )

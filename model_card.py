@@ -39,7 +39,9 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> Path:
     evaluation accuracy per answer type, against the optimizer step."""
     series = curve_series(log_history)
     accuracies = sorted(name for name in series if name.startswith(ACCURACY_PREFIX))
-    panels = [("loss", ["loss"]), ("learning rate", ["learning_rate"])] + ([("VQA accuracy (%)", accuracies)] if accuracies else [])
+    panels = [("loss", ["loss"]), ("learning rate", ["learning_rate"])]
+    if accuracies:
+        panels.append(("VQA accuracy (%)", accuracies))
     figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
     for axis, (title, names) in zip(axes[0], panels):
         for name in names:

@@ -44,7 +44,8 @@ def free_port() -> int:
 def serving(model: str | Path) -> Iterator[str]:
     """`python app.py MODEL` on 127.0.0.1 at a free port, until the block ends; yields its URL."""
     port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port)}
+    env["GRADIO_ANALYTICS_ENABLED"] = "False"
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "app.py"), str(model)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
@@ -75,7 +76,8 @@ def ask_in_browser(url: str, image: Path, question: str, screenshot: Path) -> tu
     try:
         driver.get(url)
         wait = WebDriverWait(driver, ANSWER_TIMEOUT)
-        upload = wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
+        file_input = (By.CSS_SELECTOR, "#image input[type=file]")
+        upload = wait.until(expected_conditions.presence_of_element_located(file_input))
         upload.send_keys(str(image))
         wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#image img")))
         driver.find_element(By.CSS_SELECTOR, "#questions textarea").send_keys(question)

@@ -12,9 +12,11 @@ from model_card import curve_series, plot_training_curves, render_model_card
 # As `Trainer.state.log_history` holds it: training logs, an evaluation during training, the run's summary.
 LOG_HISTORY = [
     {"loss": 4.0, "grad_norm": 3.0, "learning_rate": 3e-4, "epoch": 0.5, "step": 10},
-    {"eval_loss": 2.0, "eval_vqa_accuracy": 40.0, "eval_vqa_accuracy_yes_no": 60.0, "eval_vqa_accuracy_other": 20.0, "epoch": 0.5, "step": 10},
+    {"eval_loss": 2.0, "eval_vqa_accuracy": 40.0, "eval_vqa_accuracy_yes_no": 60.0, "eval_vqa_accuracy_other": 20.0,
+     "epoch": 0.5, "step": 10},
     {"loss": 2.5, "grad_norm": 2.0, "learning_rate": 1e-4, "epoch": 1.0, "step": 20},
-    {"eval_loss": 1.0, "eval_vqa_accuracy": 70.0, "eval_vqa_accuracy_yes_no": 90.0, "eval_vqa_accuracy_other": 50.0, "epoch": 1.0, "step": 20},
+    {"eval_loss": 1.0, "eval_vqa_accuracy": 70.0, "eval_vqa_accuracy_yes_no": 90.0, "eval_vqa_accuracy_other": 50.0,
+     "epoch": 1.0, "step": 20},
     {"train_runtime": 12.0, "train_loss": 3.2, "epoch": 1.0, "step": 20},
 ]
 METRICS = {
@@ -86,6 +88,7 @@ def test_card_front_matter_reads_back_as_evaluation_results(make_model, tmp_path
 
 
 def test_card_of_the_shapes_demo_names_its_held_out_split(make_model, tmp_path):
-    card = ModelCard(render_model_card(*arguments(tmp_path, synthetic_data_dir="data/shapes"), make_model(), METRICS, "all"))
+    args = arguments(tmp_path, synthetic_data_dir="data/shapes")
+    card = ModelCard(render_model_card(*args, make_model(), METRICS, "all"))
     assert {result.dataset_split for result in card.data.eval_results} == {"shapes_val"}
     assert "training_curves.png" not in card.text
