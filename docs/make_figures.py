@@ -21,10 +21,14 @@ from shapes_data import make_shapes_vqa  # noqa: E402
 EXAMPLE_COUNT = 4
 FIGURES = ROOT / "docs"
 HEATMAP_QUESTION = "What color is the object in the top left corner?"
+# An example with objects of four colours, one of them in the top left corner.
+FIGURE_IMAGE = EXAMPLES / "shapes_3.png"
+SCREENSHOT_WIDTH = 960
 
 
 def write_examples() -> None:
-    """The first held-out images of a small shapes dataset (the demo's generator and seed), as PNG."""
+    """The first held-out images of the demo's shapes data, as PNG: the held-out split's images depend only on the
+    generator's seed and their position, so a dataset of one training image gives the same ones."""
     EXAMPLES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         files = make_shapes_vqa(folder, num_train_images=1, num_val_images=EXAMPLE_COUNT)
@@ -35,7 +39,7 @@ def write_examples() -> None:
 def write_heatmap(model_path: str) -> None:
     """The attention of one corner question on an example image, upscaled 4x, beside the image."""
     model, processor = load(model_path)
-    image = Image.open(sorted(EXAMPLES.glob("*.png"))[0]).convert("RGB")
+    image = Image.open(FIGURE_IMAGE).convert("RGB")
     [result] = answer_with_attention(model, processor, [image], [HEATMAP_QUESTION])
     size = (image.width * 4, image.height * 4)
     pair = Image.new("RGB", (size[0] * 2, size[1]))
@@ -50,7 +54,11 @@ def write_screenshot(model_path: str) -> None:
     from test_app import ask_in_browser, serving  # the browser test's own steps
 
     with serving(model_path) as url:
-        ask_in_browser(url, sorted(EXAMPLES.glob("*.png"))[0], HEATMAP_QUESTION, FIGURES / "app.png")
+        ask_in_browser(url, FIGURE_IMAGE, HEATMAP_QUESTION, FIGURES / "app.png")
+    screenshot = Image.open(FIGURES / "app.png")
+    height = round(screenshot.height * SCREENSHOT_WIDTH / screenshot.width)
+    small = screenshot.convert("RGB").resize((SCREENSHOT_WIDTH, height), Image.LANCZOS).quantize(colors=128)
+    small.save(FIGURES / "app.png", optimize=True)
 
 
 if __name__ == "__main__":
