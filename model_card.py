@@ -75,8 +75,10 @@ def evaluation_dataset(data_args) -> tuple[str, str, str]:
 
 def card_metadata(repo: str, data_args, metrics: dict[str, float], base_models: list[str]) -> ModelCardData:
     """The front matter: library, pipeline, tags, the pretrained parts on the Hub (`base_model`) and one
-    `model-index` result per accuracy (overall and per answer type) with the dataset and split it was measured on."""
-    dataset_type, dataset_name, split = evaluation_dataset(data_args)
+    `model-index` result per accuracy (overall and per answer type) with the dataset and split it was measured on
+    (none when the run measured none)."""
+    accuracies = {name: value for name, value in sorted(metrics.items()) if name.startswith(ACCURACY_PREFIX)}
+    dataset_type, dataset_name, split = evaluation_dataset(data_args) if accuracies else (None, None, None)
     results = [
         EvalResult(
             task_type=TASK,
@@ -89,8 +91,7 @@ def card_metadata(repo: str, data_args, metrics: dict[str, float], base_models: 
             metric_value=value,
             metric_config=name.removeprefix(ACCURACY_PREFIX).strip("_") or None,
         )
-        for name, value in sorted(metrics.items())
-        if name.startswith(ACCURACY_PREFIX)
+        for name, value in accuracies.items()
     ]
     return ModelCardData(
         model_name=repo,
@@ -166,8 +167,8 @@ def render_model_card(
         if not tiny and sub._name_or_path and public_name(sub._name_or_path) == sub._name_or_path
     ]
     metadata = card_metadata(repo, data_args, metrics, base_models)
-    _, dataset_name, split = evaluation_dataset(data_args)
     if accuracy:
+        _, dataset_name, split = evaluation_dataset(data_args)
         evaluation += (
             f"\n\nMeasured by `train_hf.py` after training: answers generated with the model's generation config "
             f"(greedy unless it says otherwise) for every question of split `{split}` of {dataset_name}, scored with "

@@ -92,3 +92,9 @@ def test_card_of_the_shapes_demo_names_its_held_out_split(make_model, tmp_path):
     card = ModelCard(render_model_card(*args, make_model(), METRICS, "all"))
     assert {result.dataset_split for result in card.data.eval_results} == {"shapes_val"}
     assert "training_curves.png" not in card.text
+
+
+def test_card_of_a_run_without_evaluation_has_no_results(make_model, tmp_path):
+    args = arguments(tmp_path, train_questions=str(tmp_path / "questions.json"))
+    card = ModelCard(render_model_card(*args, make_model(), {}, "all"))
+    assert card.data.eval_results is None and "Not measured in this training run." in card.text
