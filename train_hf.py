@@ -16,6 +16,7 @@ their remote code (before any evaluation), `eval_results.json` when the evaluati
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -431,6 +432,17 @@ class VqaTrainer(Seq2SeqTrainer):
         scored once, in the dataset's order, as in one process."""
         self.gather_function = self.accelerator.gather_for_metrics
         return super().evaluation_loop(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Checkpoints keep the model's own weight names. transformers 5 saves some parts (ViT among them)
+        under their original checkpoint names, which `from_pretrained` maps back but the Trainer's resume, a
+        plain `load_state_dict`, does not: it would warn and train on with those weights at their start
+        values. The final model keeps the original names, as every checkpoint on the Hub has them."""
+        self.model.save_pretrained = functools.partial(self.model.save_pretrained, save_original_format=False)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self.model.save_pretrained
 
     def create_model_card(self, **kwargs) -> None:
         if self.is_world_process_zero() and self.model_card:
