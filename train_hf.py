@@ -36,7 +36,7 @@ from lora import ALL_LINEAR, LORA_PARTS, add_lora, check_checkpoint_adapters, de
 from modeling_vqa_fusion import FREEZE_SPECS, VqaFusionForConditionalGeneration
 from processing_vqa_fusion import VqaFusionProcessor
 from shapes_data import make_shapes_vqa
-from tiny_components import build_tiny_components
+from tiny_components import DECODERS, QUESTION_ENCODERS, VISION_ENCODERS, TinySizes, build_tiny_components
 from vqa_collator import VqaCollator
 from vqa_data import VqaDataError, load_vqa_dataset, load_vqa_files
 from vqa_metric import vqa_accuracy
@@ -60,6 +60,9 @@ SCRIPT_DEFAULTS = {"predict_with_generate": True, "remove_unused_columns": False
 # Where the tiny preset's components are built, inside --output_dir: `Trainer.push_to_hub` uploads the folder
 # without the names that start with "_" (they are in the saved model and processor anyway).
 TINY_COMPONENTS = "_tiny_components"
+# Positions of the tiny GPT-2 with prefix fusion: the question (32 tokens at most), the image tokens (64 for the
+# tiny conv nets and Swin) and the answer.
+PREFIX_POSITIONS = 128
 
 
 @dataclass
@@ -79,6 +82,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "'tiny': small random components and tokenizers trained on the training text (offline)."},
     )
+    tiny_question_encoder: str = field(
+        default="distilbert", metadata={"help": f"--preset tiny: the question encoder, one of {QUESTION_ENCODERS}."}
+    )
+    tiny_vision_encoder: str = field(
+        default="vit", metadata={"help": f"--preset tiny: the vision encoder, one of {VISION_ENCODERS}."}
+    )
+    tiny_decoder: str = field(default="gpt2", metadata={"help": f"--preset tiny: the decoder, one of {DECODERS}."})
     fusion: str = field(
         default="sequence",
         metadata={"help": "'sequence', 'mean' (the book's) or 'prefix' (for decoder-only LMs such as Llama, Qwen2)."},
@@ -202,6 +212,13 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq
         raise ValueError(f"--answer_strategy must be one of {ANSWER_STRATEGIES}, got {data_args.answer_strategy!r}")
     if model_args.preset not in (None, "tiny"):
         raise ValueError(f"--preset must be 'tiny' or unset, got {model_args.preset!r}")
+    for name, kinds in (
+        ("tiny_question_encoder", QUESTION_ENCODERS),
+        ("tiny_vision_encoder", VISION_ENCODERS),
+        ("tiny_decoder", DECODERS),
+    ):
+        if getattr(model_args, name) not in kinds:
+            raise ValueError(f"--{name} must be one of {kinds}, got {getattr(model_args, name)!r}")
     check_run_mode(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
@@ -366,7 +383,15 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
             with writer_first(training_args, "building the tiny components"):
                 if is_writer(training_args):
                     answers = [answer for row in train_dataset["answers"] for answer in row]
-                    build_tiny_components(folder, train_dataset["question"], answers)
+                    build_tiny_components(
+                        folder,
+                        train_dataset["question"],
+                        answers,
+                        question=model_args.tiny_question_encoder,
+                        vision=model_args.tiny_vision_encoder,
+                        decoder=model_args.tiny_decoder,
+                        sizes=TinySizes(max_answer_positions=PREFIX_POSITIONS if model_args.fusion == "prefix" else 32),
+                    )
             parts = {name: str(folder / name) for name in parts}
         model = VqaFusionForConditionalGeneration.from_pretrained_components(
             **parts,
