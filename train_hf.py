@@ -60,8 +60,8 @@ SCRIPT_DEFAULTS = {"predict_with_generate": True, "remove_unused_columns": False
 # Where the tiny preset's components are built, inside --output_dir: `Trainer.push_to_hub` uploads the folder
 # without the names that start with "_" (they are in the saved model and processor anyway).
 TINY_COMPONENTS = "_tiny_components"
-# Positions of the tiny GPT-2 with prefix fusion: the question (32 tokens at most), the image tokens (64 for the
-# tiny conv nets and Swin) and the answer.
+# Positions of the tiny GPT-2 with prefix fusion: the question (32 tokens at most), the image tokens (16 to 21 on
+# the tiny backbones' 4 x 4 grid) and the answer.
 PREFIX_POSITIONS = 128
 
 
@@ -390,7 +390,7 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
                         question=model_args.tiny_question_encoder,
                         vision=model_args.tiny_vision_encoder,
                         decoder=model_args.tiny_decoder,
-                        sizes=TinySizes(max_answer_positions=PREFIX_POSITIONS if model_args.fusion == "prefix" else 32),
+                        sizes=TinySizes(max_answer_positions=PREFIX_POSITIONS) if model_args.fusion == "prefix" else None,
                     )
             parts = {name: str(folder / name) for name in parts}
         model = VqaFusionForConditionalGeneration.from_pretrained_components(
