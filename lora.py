@@ -166,7 +166,5 @@ def check_checkpoint_adapters(model: nn.Module, checkpoint: str | Path | None) -
         raise ValueError(
             f"{checkpoint} holds {len(saved)} LoRA tensors and the model {len(expected)}, not under the same names "
             f"(only in the checkpoint: {sorted(saved - expected)[:2]}, only in the model: {sorted(expected - saved)[:2]}"
-            "), so the Trainer would resume without them. Resume with the --lora_* flags of the run that wrote it. "
-            "(transformers saves some models, such as ViT, under their original weight names, which a resume does "
-            "not map back: adapters on those do not resume.)"
+            "), so the Trainer would resume without them. Resume with the --lora_* flags of the run that wrote it."
         )

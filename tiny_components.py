@@ -137,9 +137,18 @@ def train_decoder_tokenizer(answers: Iterable[str], kind: str = "gpt2") -> PreTr
 
 
 def vision_config(kind: str, sizes: TinySizes) -> PretrainedConfig:
-    """The vision encoder's config: a ViT-family model, Swin (two stages, the last `sizes.hidden` wide), a conv
-    net (two stages, the last `sizes.hidden` wide), or a whole dual-encoder CLIP / SigLIP config."""
+    """
+    The vision encoder's config: a ViT-family model, Swin or a conv net, or a whole dual-encoder CLIP / SigLIP
+    config. Swin and the conv nets have as many stages as it takes to downsample by `sizes.patch_size` (a
+    stride-4 stem, then 2x per stage: two stages for patch 8, three for 16), each twice as wide as the one
+    before and the last `sizes.hidden` wide, so that every backbone sees the image on the same grid.
+    """
     layers = sizes.vision_layers
+    num_stages = (sizes.patch_size // 4).bit_length()
+    if sizes.patch_size != 4 * 2 ** (num_stages - 1):
+        raise ValueError(f"patch_size must be 4, 8, 16, 32, ... (a stride-4 stem, then 2x per stage), got {sizes.patch_size}")
+    widths = [sizes.hidden >> (num_stages - 1 - stage) for stage in range(num_stages)]
+    depths = [1] * (num_stages - 1) + [max(1, layers - num_stages + 1)]
     vit_like = dict(
         image_size=sizes.image_size,
         patch_size=sizes.patch_size,
@@ -147,7 +156,7 @@ def vision_config(kind: str, sizes: TinySizes) -> PretrainedConfig:
         num_attention_heads=sizes.heads,
         num_hidden_layers=layers,
     )
-    stages = dict(hidden_sizes=[sizes.hidden // 2, sizes.hidden], depths=[1, max(1, layers - 1)])
+    stages = dict(hidden_sizes=widths, depths=depths)
     if kind == "vit":
         return ViTConfig(**vit_like, intermediate_size=4 * sizes.hidden)
     if kind == "dinov2":
@@ -158,15 +167,15 @@ def vision_config(kind: str, sizes: TinySizes) -> PretrainedConfig:
         return SwinConfig(
             image_size=sizes.image_size,
             patch_size=4,
-            embed_dim=sizes.hidden // 2,
-            depths=[1, max(1, layers - 1)],
-            num_heads=[max(1, sizes.heads // 2), sizes.heads],
+            embed_dim=widths[0],
+            depths=depths,
+            num_heads=[max(1, sizes.heads >> (num_stages - 1 - stage)) for stage in range(num_stages)],
             window_size=4,
         )
     if kind == "convnext":
-        return ConvNextConfig(**stages, num_stages=2)
+        return ConvNextConfig(**stages, num_stages=num_stages)
     if kind == "resnet":
-        return ResNetConfig(**stages, embedding_size=sizes.hidden // 2, layer_type="basic")
+        return ResNetConfig(**stages, embedding_size=widths[0], layer_type="basic")
     tower = dict(**vit_like, intermediate_size=4 * sizes.hidden)
     if kind == "clip":
         return CLIPConfig(text_config=DUAL_TEXT_TOWER, vision_config=tower, projection_dim=sizes.hidden)

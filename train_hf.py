@@ -17,6 +17,7 @@ their remote code (before any evaluation), `eval_results.json` when the evaluati
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from model_card import CURVES_NAME, plot_training_curves, render_model_card
 from modeling_vqa_fusion import FREEZE_SPECS, VqaFusionForConditionalGeneration
 from processing_vqa_fusion import VqaFusionProcessor
 from shapes_data import make_shapes_vqa
-from tiny_components import build_tiny_components
+from tiny_components import DECODERS, QUESTION_ENCODERS, VISION_ENCODERS, TinySizes, build_tiny_components
 from vqa_collator import VqaCollator
 from vqa_data import VqaDataError, load_vqa_dataset, load_vqa_files
 from vqa_metric import vqa_accuracy
@@ -61,6 +62,9 @@ SCRIPT_DEFAULTS = {"predict_with_generate": True, "remove_unused_columns": False
 # Where the tiny preset's components are built, inside --output_dir: `Trainer.push_to_hub` uploads the folder
 # without the names that start with "_" (they are in the saved model and processor anyway).
 TINY_COMPONENTS = "_tiny_components"
+# Positions of the tiny GPT-2 with prefix fusion: the question (32 tokens at most), the image tokens (16 to 21 on
+# the tiny backbones' 4 x 4 grid) and the answer.
+PREFIX_POSITIONS = 128
 
 
 @dataclass
@@ -80,6 +84,13 @@ class ModelArguments:
         default=None,
         metadata={"help": "'tiny': small random components and tokenizers trained on the training text (offline)."},
     )
+    tiny_question_encoder: str = field(
+        default="distilbert", metadata={"help": f"--preset tiny: the question encoder, one of {QUESTION_ENCODERS}."}
+    )
+    tiny_vision_encoder: str = field(
+        default="vit", metadata={"help": f"--preset tiny: the vision encoder, one of {VISION_ENCODERS}."}
+    )
+    tiny_decoder: str = field(default="gpt2", metadata={"help": f"--preset tiny: the decoder, one of {DECODERS}."})
     fusion: str = field(
         default="sequence",
         metadata={"help": "'sequence', 'mean' (the book's) or 'prefix' (for decoder-only LMs such as Llama, Qwen2)."},
@@ -203,6 +214,13 @@ def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, Seq
         raise ValueError(f"--answer_strategy must be one of {ANSWER_STRATEGIES}, got {data_args.answer_strategy!r}")
     if model_args.preset not in (None, "tiny"):
         raise ValueError(f"--preset must be 'tiny' or unset, got {model_args.preset!r}")
+    for name, kinds in (
+        ("tiny_question_encoder", QUESTION_ENCODERS),
+        ("tiny_vision_encoder", VISION_ENCODERS),
+        ("tiny_decoder", DECODERS),
+    ):
+        if getattr(model_args, name) not in kinds:
+            raise ValueError(f"--{name} must be one of {kinds}, got {getattr(model_args, name)!r}")
     check_run_mode(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
@@ -367,7 +385,15 @@ def build_model_and_processor(model_args: ModelArguments, train_dataset, trainin
             with writer_first(training_args, "building the tiny components"):
                 if is_writer(training_args):
                     answers = [answer for row in train_dataset["answers"] for answer in row]
-                    build_tiny_components(folder, train_dataset["question"], answers)
+                    build_tiny_components(
+                        folder,
+                        train_dataset["question"],
+                        answers,
+                        question=model_args.tiny_question_encoder,
+                        vision=model_args.tiny_vision_encoder,
+                        decoder=model_args.tiny_decoder,
+                        sizes=TinySizes(max_answer_positions=PREFIX_POSITIONS) if model_args.fusion == "prefix" else None,
+                    )
             parts = {name: str(folder / name) for name in parts}
         model = VqaFusionForConditionalGeneration.from_pretrained_components(
             **parts,
@@ -433,6 +459,17 @@ class VqaTrainer(Seq2SeqTrainer):
         scored once, in the dataset's order, as in one process."""
         self.gather_function = self.accelerator.gather_for_metrics
         return super().evaluation_loop(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Checkpoints keep the model's own weight names. transformers 5 saves some parts (ViT among them)
+        under their original checkpoint names, which `from_pretrained` maps back but the Trainer's resume, a
+        plain `load_state_dict`, does not: it would warn and train on with those weights at their start
+        values. The final model keeps the original names, as every checkpoint on the Hub has them."""
+        self.model.save_pretrained = functools.partial(self.model.save_pretrained, save_original_format=False)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self.model.save_pretrained
 
     def create_model_card(self, **kwargs) -> None:
         if self.is_world_process_zero() and self.model_card:

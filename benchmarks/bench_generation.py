@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     common.add_common_arguments(parser, repeats=3)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[5, 10])
-    parser.add_argument("--fusion", default="sequence", choices=["sequence", "mean"])
+    parser.add_argument("--fusion", default="sequence", choices=["sequence", "mean", "prefix"])
     args = parser.parse_args(argv)
     settings = common.settings_from(args)
     batch_sizes, token_counts = ([1, 2], [2]) if settings.quick else (args.batch_sizes, args.new_tokens)

@@ -4,6 +4,7 @@ command-line flags and the hardware description printed beside every result."""
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -115,7 +116,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def build_config(sizes: TinySizes, fusion: str = "sequence", attn: str = "sdpa") -> VqaFusionConfig:
-    """A vqa-fusion config of DistilBERT + ViT + GPT-2 (with cross-attention) at `sizes`, real vocabularies."""
+    """A vqa-fusion config of DistilBERT + ViT + GPT-2 at `sizes`, real vocabularies. With `prefix` fusion GPT-2
+    gets 1,024 positions (as gpt2 has) to hold the question and image tokens before the answer."""
+    if fusion == "prefix":
+        sizes = dataclasses.replace(sizes, max_answer_positions=max(sizes.max_answer_positions, 1024))
     parts = part_configs(sizes, QUESTION_VOCAB, DECODER_VOCAB, question_pad_id=0, eos_id=GPT2_EOS)
     config = VqaFusionConfig(**parts, fusion=fusion)
     for part in (config.question_encoder, config.vision_encoder, config.decoder):

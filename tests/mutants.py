@@ -248,6 +248,14 @@ MUTANTS = [
         "        mask = torch.cat([question_mask, question_mask.new_zeros(image_states.shape[:2])], dim=1)",
         ("tests/test_modeling.py::test_sequence_fusion_layers_ignore_question_padding",),
     ),
+    # A resume must restore every trained weight, the ViT's (saved under its original names by default) too.
+    Mutant(
+        "checkpoints-in-original-format",
+        "train_hf.py",
+        "functools.partial(self.model.save_pretrained, save_original_format=False)",
+        "functools.partial(self.model.save_pretrained, save_original_format=True)",
+        ("tests/test_lora.py::test_train_hf_lora_run_trains_saves_merged_and_resumes_from_its_checkpoint",),
+    ),
     # The collator.
     Mutant(
         "sample-always-the-first-answer",

@@ -227,13 +227,13 @@ def test_adapters_go_on_a_llama_decoder_s_projections_and_merge_exactly():
 def lora_run(shapes, output_dir, *extra: str) -> list[str]:
     """The tiny preset with decoder adapters, six steps on one fixed batch of 16 questions (so that every step sees
     the same data and a resumed run can match an uninterrupted one bit for bit), a checkpoint every three steps.
-    The vision encoder is frozen: transformers 5.24 saves ViT weights under their original names, which the
-    Trainer's resume does not map back (it loads them with a warning and trains on without them)."""
+    Adapters on the ViT too: transformers saves ViT weights under their original names, which a resume must not
+    lose."""
     return [
         str(train_hf.DEMO_CONFIG), "--synthetic_data_dir", str(shapes), "--synthetic_train_images", "60", "--synthetic_eval_images", "8",
         "--max_eval_samples", "4", "--show_examples", "0", "--max_train_samples", "16", "--per_device_train_batch_size", "16", "--max_steps", "6",
         "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "1", "--do_eval", "false",
-        "--lora_r", str(R), "--freeze", "vision_encoder", "--output_dir", str(output_dir), "--disable_tqdm", "true",
+        "--lora_r", str(R), "--lora_parts", "decoder,vision_encoder", "--output_dir", str(output_dir), "--disable_tqdm", "true",
         *extra,
     ]
 

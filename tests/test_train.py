@@ -198,6 +198,18 @@ def test_flags_alone_train_a_model_that_reads_the_images(trained, blind, files):
     assert metrics["eval_vqa_accuracy"] > lookup + 30
 
 
+def test_tiny_preset_with_a_conv_net_and_a_llama_prefix_decoder_reads_the_images(files, blind, tmp_path):
+    """The tiny preset's other parts: a ResNet's feature map as image tokens, and a Llama-style decoder that reads
+    the fused tokens as the prefix of its input."""
+    output_dir = tmp_path / "out"
+    parts = ["--tiny_vision_encoder", "resnet", "--tiny_decoder", "llama", "--fusion", "prefix"]
+    metrics = run(output_dir, *LEARNING, *parts, *official_flags(files))
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (config["vision_encoder"]["model_type"], config["decoder"]["model_type"]) == ("resnet", "llama")
+    assert config["fusion"] == "prefix"
+    assert metrics["eval_vqa_accuracy"] > blind["eval_vqa_accuracy"] + 30
+
+
 def test_outputs_are_complete_and_rescored_from_the_files(trained, files):
     output_dir, metrics = trained
     names = {path.name for path in output_dir.iterdir()}
@@ -468,6 +480,8 @@ def test_data_on_the_command_line_replaces_the_recipes(tmp_path):
         (["--synthetic_data_dir", "d", "--predict_with_generate", "false"], "predict_with_generate"),
         (["--model_name_or_path", "m", "--eval_questions", "q", "--eval_images", "i", "--push_to_hub", "true"],
          "push_to_hub"),
+        (["--synthetic_data_dir", "d", "--preset", "tiny", "--tiny_vision_encoder", "vgg"], "--tiny_vision_encoder"),
+        (["--synthetic_data_dir", "d", "--preset", "tiny", "--tiny_decoder", "gpt-2"], "--tiny_decoder"),
     ],
 )
 def test_run_modes_that_cannot_work_are_refused_before_anything_runs(argv, message):
