@@ -12,7 +12,8 @@ Training runs when training data is given and evaluation when evaluation data is
 writes nothing into M. Under `torchrun` or `accelerate launch --multi_gpu` the processes form one job (on a
 machine without CUDA through the gloo backend). Writes to `--output_dir`: the model and processor with
 their remote code (before any evaluation), `eval_results.json` when the evaluation data is labelled,
-`predictions.json` (the official results format) and, after training, a model card (`README.md`).
+`predictions.json` (the official results format) and, after training, `training_curves.png` and a model card
+(`README.md`).
 """
 
 import argparse
@@ -33,6 +34,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lora import ALL_LINEAR, LORA_PARTS, add_lora, check_checkpoint_adapters, describe_trainable, merge_lora
+from model_card import CURVES_NAME, plot_training_curves, render_model_card
 from modeling_vqa_fusion import FREEZE_SPECS, VqaFusionForConditionalGeneration
 from processing_vqa_fusion import VqaFusionProcessor
 from shapes_data import make_shapes_vqa
@@ -528,105 +530,6 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def public_name(name_or_path: str) -> str:
-    """What a model card may show of a component or data source: a hub id as is, a local path by its last
-    name only (a card is published; the paths of the machine that trained are nobody's business)."""
-    return Path(name_or_path).name if os.path.exists(name_or_path) else name_or_path
-
-
-def describe_training_data(data_args: DataArguments) -> str:
-    if data_args.synthetic_data_dir:
-        return f"the synthetic shapes dataset (`shapes_data.py`, {data_args.synthetic_train_images:,} training images)"
-    if data_args.dataset_name:
-        return f"`{public_name(data_args.dataset_name)}` (split `{data_args.train_split}`)"
-    return f"`{public_name(data_args.train_questions)}`"
-
-
-def render_model_card(model_args, data_args, training_args, model, metrics: dict[str, float], trainable: str) -> str:
-    """A model card recording components, fusion, the data and hyper-parameters of this training run, and the
-    accuracy measured after it."""
-    config = model.config
-    repo = training_args.hub_model_id or Path(training_args.output_dir).name
-    hyper = {
-        "fusion_layers": config.fusion_layers,
-        "initializer_range": model_args.initializer_range,
-        "learning_rate": training_args.learning_rate,
-        "lr_scheduler_type": training_args.lr_scheduler_type.value,
-        "warmup_steps": training_args.warmup_steps,
-        "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
-        "processes": training_args.world_size,
-        "num_train_epochs": training_args.num_train_epochs,
-        "max_steps": training_args.max_steps,
-        "label_smoothing_factor": training_args.label_smoothing_factor,
-        "answer_strategy": data_args.answer_strategy,
-        "freeze": model_args.freeze,
-        "lora_r": model_args.lora_r,
-        "bf16": training_args.bf16,
-        "fp16": training_args.fp16,
-        "seed": training_args.seed,
-    }
-    if model_args.lora_r:
-        hyper |= {name: value for name, value in vars(model_args).items() if name.startswith("lora_")}
-
-    def origin(sub) -> str:
-        if model_args.preset == "tiny" and not model_args.model_name_or_path:
-            return "tiny preset, built offline"
-        return f"`{public_name(sub._name_or_path)}`" if sub._name_or_path else "from config"
-
-    components = "\n".join(
-        f"| {name.replace('_', ' ')} | {sub.model_type} ({origin(sub)}) |"
-        for name in ("question_encoder", "vision_encoder", "decoder")
-        for sub in [getattr(config, name)]
-    )
-    start = f"Fine-tuned from `{public_name(model_args.model_name_or_path)}`. " if model_args.model_name_or_path else ""
-    hyper_rows = "\n".join(f"| {name} | {value} |" for name, value in hyper.items())
-    accuracy = "\n".join(f"| {name} | {value} |" for name, value in sorted(metrics.items()) if "vqa_accuracy" in name)
-    if accuracy:
-        evaluation = f"Official VQA accuracy on {metrics['eval_samples']:,} held-out questions:\n\n| metric | value |\n|---|---|\n{accuracy}"
-    else:
-        evaluation = "Not measured in this training run."
-    reading = "as a prefix of its input" if config.fusion == "prefix" else "through cross-attention"
-    return f"""---
-library_name: transformers
-pipeline_tag: image-text-to-text
-tags: [vqa-fusion, visual-question-answering]
----
-
-# {repo}
-
-A vqa-fusion visual question answering model: a question encoder and a vision encoder, projected and
-fused ({config.fusion} fusion) into tokens that a decoder reads {reading} to generate the answer.
-
-| component | model |
-|---|---|
-{components}
-| parameters | {model.num_parameters():,} |
-| trainable parameters (in training, adapters included) | {trainable} |
-
-{start}Training data: {describe_training_data(data_args)}.
-
-## Hyper-parameters
-| name | value |
-|---|---|
-{hyper_rows}
-
-## Evaluation
-{evaluation}
-
-## Usage
-```python
-from transformers import AutoModel, AutoProcessor
-from PIL import Image
-
-model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)
-inputs = processor(images=[Image.open("photo.jpg")], text=["What color is the bus?"], return_tensors="pt")
-print(processor.batch_decode(model.generate(**inputs), skip_special_tokens=True))
-```
-"""
-
-
 def write_predictions(path: Path, question_ids: list[int], answers: list[str]) -> None:
     """The official results format: `[{"question_id": int, "answer": str}]`."""
     rows = [{"question_id": int(qid), "answer": answer} for qid, answer in zip(question_ids, answers)]
@@ -672,6 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_model()
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
+        if is_writer(training_args):
+            plot_training_curves(trainer.state.log_history, Path(training_args.output_dir) / CURVES_NAME)
     if training_args.do_eval:
         prediction = trainer.predict(eval_dataset, metric_key_prefix="eval")
         if labelled:
@@ -684,7 +589,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             logger.info("wrote %d predictions to %s", len(answers), Path(training_args.output_dir) / "predictions.json")
             show_examples(eval_dataset, answers, data_args.show_examples)
     if training_args.do_train:
-        trainer.model_card = render_model_card(model_args, data_args, training_args, model, metrics, trainable)
+        trainer.model_card = render_model_card(
+            model_args, data_args, training_args, model, metrics, trainable, curves=True
+        )
         trainer.create_model_card()
         if training_args.push_to_hub:
             trainer.push_to_hub(commit_message="vqa-fusion fine-tuning")

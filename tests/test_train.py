@@ -216,7 +216,7 @@ def test_outputs_are_complete_and_rescored_from_the_files(trained, files):
     assert {
         "config.json", "model.safetensors", "generation_config.json", "processor_config.json", "tokenizer.json",
         "question_tokenizer", "configuration_vqa_fusion.py", "modeling_vqa_fusion.py", "processing_vqa_fusion.py",
-        "trainer_state.json", "eval_results.json", "predictions.json", "README.md",
+        "trainer_state.json", "eval_results.json", "predictions.json", "README.md", "training_curves.png",
     } <= names
     predictions = json.loads((output_dir / "predictions.json").read_text())
     assert [row["question_id"] for row in predictions] == question_ids(files["val"])
@@ -583,6 +583,8 @@ def test_two_processes_train_and_evaluate_as_one_job(launcher, files, tmp_path):
 
     state = json.loads((output_dir / "trainer_state.json").read_text())
     assert [entry["epoch"] for entry in state["log_history"] if "eval_vqa_accuracy" in entry] == [1.0, 2.0]
+    with Image.open(output_dir / "training_curves.png") as curves:
+        assert curves.size[0] == 3 * 4.5 * 80, "three panels of 4.5 inches at 80 dpi: loss, learning rate, accuracy"
     predictions = json.loads((output_dir / "predictions.json").read_text())
     assert [row["question_id"] for row in predictions] == question_ids(files["val"])[:30]
 
