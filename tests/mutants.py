@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # What is never copied into the scratch repository: environments, outputs, caches.
 NOT_COPIED = (".git", ".venv", "data", "outputs", "mutants", "__pycache__", ".pytest_cache", ".hypothesis", "*.pyc")
-TIMEOUT_S = 300
+TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
