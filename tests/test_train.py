@@ -26,6 +26,7 @@ import datasets
 import pytest
 import torch
 import transformers
+import yaml
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image, ImageDraw
 from transformers import AutoModel, AutoProcessor
@@ -306,7 +307,8 @@ def test_a_recipe_with_the_users_files_trains_on_those_files(files, tmp_path, mo
     predictions = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert [row["question_id"] for row in predictions] == question_ids(files["val"])
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "v2_OpenEnded_mscoco_train2014_questions.json" in card and "| fusion_layers | 2 |" in card
+    recipe_layers = yaml.safe_load(Path(DEMO).read_text())["fusion_layers"]
+    assert "v2_OpenEnded_mscoco_train2014_questions.json" in card and f"| fusion_layers | {recipe_layers} |" in card
 
 
 def contract_rows(paths: dict) -> list[dict]:
